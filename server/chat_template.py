@@ -1,0 +1,121 @@
+"""Rendering chat messages with the base model's own chat template, in Jinja's immutable sandbox.
+
+Owns the one way text is laid out for the model, shared by the server (prompts) and the trainer
+(training text), so what is trained is what is served.
+
+`render_segments` keeps user-supplied content apart from template text: the engine tokenizes
+template text with special-token parsing and message content without it, so a user who types
+`<|im_start|>` gets those characters, never a control token.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from jinja2 import StrictUndefined
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# Used when a GGUF carries no template (ChatML, as SmolLM2 and many small models use).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ChatTemplateError(ValueError):
+    """The template failed to render these messages (the message says why)."""
+
+
+def _raise(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now(timezone.utc).strftime(fmt)
+
+
+def sandbox() -> ImmutableSandboxedEnvironment:
+    """The Jinja environment every template in this project renders in."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"], autoescape=False
+    )
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of the rendered prompt; `content` is True for text that came from a message."""
+
+    text: str
+    content: bool
+
+
+class ChatTemplate:
+    """A compiled chat template plus the special tokens it refers to."""
+
+    def __init__(self, template: str | None, bos_token: str = "", eos_token: str = "") -> None:
+        self.source = template or CHATML_TEMPLATE
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self._template = sandbox().from_string(self.source)
+
+    @classmethod
+    def from_model(cls, info: Any) -> ChatTemplate:
+        """From a `BaseModelInfo` (anything with chat_template, bos_token, eos_token)."""
+        return cls(info.chat_template, info.bos_token, info.eos_token)
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt as one string (what the trainer learns from)."""
+        return "".join(s.text for s in self.render_segments(messages, add_generation_prompt))
+
+    def render_segments(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[Segment]:
+        """The prompt split into template text and message content."""
+        tag = secrets.token_hex(8)
+        markers = {f"\x1e{tag}:{i}\x1f": m["content"] for i, m in enumerate(messages)}
+        marked = [{**m, "content": key} for key, m in zip(markers, messages)]
+        text = self._render_raw(marked, add_generation_prompt)
+        pieces = re.split(f"(\x1e{tag}:[0-9]+\x1f)", text)
+        if any(m not in pieces for m in markers):
+            # The template transformed the content (e.g. stripped it), so markers did not survive
+            # intact: render the real content and treat the whole prompt as content (no special
+            # token parsing at all), which is always safe, if less faithful.
+            return [Segment(self._render_raw(messages, add_generation_prompt), content=True)]
+        segments = []
+        for piece in pieces:
+            if not piece:
+                continue
+            if piece in markers:
+                segments.append(Segment(markers[piece], content=True))
+            else:
+                segments.append(Segment(piece, content=False))
+        return segments
+
+    def _render_raw(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except ChatTemplateError:
+            raise
+        except TemplateError as e:
+            raise ChatTemplateError(f"chat template failed: {e}") from None
+
+
+def render_system_prompt(source: str, variables: dict[str, Any]) -> str:
+    """Render a route's system prompt template (from prompts/) in the sandbox."""
+    env = sandbox()
+    env.undefined = StrictUndefined
+    try:
+        return env.from_string(source).render(**variables).strip()
+    except TemplateError as e:
+        raise ChatTemplateError(f"system prompt template failed: {e}") from None
