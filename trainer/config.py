@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+# The same list as trainer.llama_opt.DEFAULT_TARGETS (kept here so reading a config does not
+# load llama.cpp; tests/test_trainer_cli.py checks the two agree).
 DEFAULT_TARGETS: tuple[str, ...] = (
     "attn_q",
     "attn_k",
@@ -37,6 +39,7 @@ DEFAULT_TARGETS: tuple[str, ...] = (
     "ffn_down",
 )
 OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "cosine")
 
 
 class ConfigError(ValueError):
@@ -81,12 +84,16 @@ class TrainSettings:
     """Hyperparameters handed to `trainer.finetune.TrainConfig`."""
 
     n_ctx: int = 256
+    """Training window in tokens: a multiple of 256 (llama.cpp pads contexts to 256)."""
     epochs: int = 1
     lr: float = 2e-3
     optimizer: str = "sgd"
     weight_decay: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
     seed: int = 0
+    schedule: str = "constant"
+    """Learning-rate schedule: `constant` or `cosine` (from `lr` down to `lr_min`)."""
+    lr_min: float = 0.0
     val_fraction: float = 0.1
     """Share of conversations (by hash) held out for validation."""
     max_items: int | None = None
@@ -355,8 +362,10 @@ def validate(cfg: TrainerConfig) -> list[str]:
         except ValueError as exc:
             problems.append(f"{w}: {exc}")
         t = a.train
-        if t.n_ctx < 16:
-            problems.append(f"{w}.train.n_ctx must be >= 16, got {t.n_ctx}")
+        if t.n_ctx < 256 or t.n_ctx % 256:
+            problems.append(f"{w}.train.n_ctx must be a positive multiple of 256, got {t.n_ctx}")
+        if t.schedule not in SCHEDULES:
+            problems.append(f"{w}.train.schedule must be one of {', '.join(SCHEDULES)}, got {t.schedule!r}")
         if t.epochs < 1:
             problems.append(f"{w}.train.epochs must be >= 1, got {t.epochs}")
         if not t.lr > 0:

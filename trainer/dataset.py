@@ -494,7 +494,8 @@ class VocabTokenizer:
         self._llama = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
 
     def __call__(self, text: str) -> int:
-        return len(self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+        # as trainer.finetune tokenizes: special tokens parsed, nothing added (text is rendered)
+        return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
 
 def _percentile(sorted_values: Sequence[int], q: float) -> int:
@@ -521,7 +522,9 @@ class DatasetReport:
     tokens_p99: int = 0
     tokens_max: int = 0
     over_ctx: int = 0
-    """Items longer than the training window: text past the window is not learnt."""
+    """Items longer than the training window. Training cuts one token stream into windows, so
+    the part past `n_ctx` lands in the next window and is learnt without the item's start
+    (its system prompt and question): a sign `n_ctx` is too small."""
     tokens_past_ctx: int = 0
     histogram: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -539,8 +542,8 @@ class DatasetReport:
             "sources: " + (", ".join(f"{k} {v}" for k, v in self.sources.items()) or "none"),
             f"tokens per item: min {self.tokens_min}, median {self.tokens_p50}, p90 {self.tokens_p90}, "
             f"p99 {self.tokens_p99}, max {self.tokens_max}; total {self.tokens_total}",
-            f"longer than the training window ({self.n_ctx} tokens): {self.over_ctx} item(s), "
-            f"{self.tokens_past_ctx} token(s) past the window are not learnt",
+            f"longer than the training window ({self.n_ctx} tokens): {self.over_ctx} item(s); "
+            f"{self.tokens_past_ctx} token(s) past the window are learnt without their item's start",
         ]
         if self.histogram:
             width = max(self.histogram.values()) or 1
