@@ -1,0 +1,90 @@
+"""Tiny llama-architecture GGUF models with random weights, for fast trainer tests.
+
+Owns: writing such a model with the ``gguf`` package. The tokenizer (vocab, merges, special
+tokens, chat template) is copied from a real model so llama.cpp tokenizes chat text exactly as
+it does for the served base; only the network is tiny.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_TOKENIZER_SOURCE = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def make_tiny_llama(
+    path: Path,
+    *,
+    tokenizer_source: Path = DEFAULT_TOKENIZER_SOURCE,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 128,
+    n_ctx_train: int = 2048,
+    seed: int = 0,
+    quantize: bool = False,
+) -> Path:
+    """Write a random-weight llama GGUF to ``path`` and return it.
+
+    The vocabulary size is the tokenizer source's. With ``quantize`` the block matrices are
+    stored as Q8_0 (like a served quantized base); otherwise everything is F32.
+    """
+    src = gguf.GGUFReader(tokenizer_source)
+    tokens_field = src.fields["tokenizer.ggml.tokens"]
+    n_vocab = len(tokens_field.data)
+    head_dim = n_embd // n_head
+    rng = np.random.default_rng(seed)
+
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_name(f"tiny-llama-{n_embd}x{n_layer}")
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_block_count(n_layer)
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q8_0 if quantize else gguf.LlamaFileType.ALL_F32))
+    for f in src.fields.values():
+        if f.name.startswith("tokenizer."):
+            vtype = f.types[0]
+            sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+
+    def mat(n_out: int, n_in: int) -> np.ndarray:
+        return (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
+
+    def add_matrix(name: str, arr: np.ndarray) -> None:
+        if quantize:
+            q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, arr)
+
+    w.add_tensor("token_embd.weight", (rng.standard_normal((n_vocab, n_embd)) * 0.5).astype(np.float32))
+    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    for i in range(n_layer):
+        p = f"blk.{i}"
+        w.add_tensor(f"{p}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        add_matrix(f"{p}.attn_q.weight", mat(n_head * head_dim, n_embd))
+        add_matrix(f"{p}.attn_k.weight", mat(n_head_kv * head_dim, n_embd))
+        add_matrix(f"{p}.attn_v.weight", mat(n_head_kv * head_dim, n_embd))
+        add_matrix(f"{p}.attn_output.weight", mat(n_embd, n_head * head_dim))
+        w.add_tensor(f"{p}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        add_matrix(f"{p}.ffn_gate.weight", mat(n_ff, n_embd))
+        add_matrix(f"{p}.ffn_up.weight", mat(n_ff, n_embd))
+        add_matrix(f"{p}.ffn_down.weight", mat(n_embd, n_ff))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)

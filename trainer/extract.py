@@ -1,0 +1,184 @@
+"""Turning a full fine-tune into a LoRA adapter: truncated SVD of the weight deltas.
+
+Owns: reading the FP32 base and trained GGUFs, factorising ``W_trained - W_base`` for every
+target matrix, choosing one rank for the whole adapter, the energy report that justifies it,
+and handing the factors to ``server.registry.write_lora_gguf`` (the adapter format's only
+writer).
+
+Rank choice: "energy kept" at rank ``r`` for one matrix is ``sum(s[:r]**2) / sum(s**2)`` of the
+delta's singular values ``s``, i.e. the fraction of the delta's squared Frobenius norm the
+rank-``r`` approximation keeps. The adapter's rank is the smallest ``r`` whose **mean** energy
+over all adapted matrices reaches ``fidelity``, clamped to ``[min_rank, max_rank]`` (and to the
+smallest matrix dimension). The per-matrix energies at that rank, and the minimum, are
+reported so a weak matrix is visible.
+
+Factors are split evenly, ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T``, and ``alpha = rank``, so
+llama.cpp's scale ``alpha / rank`` is 1 and ``W_base + B @ A`` is the rank-``r`` approximation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from server.registry import write_lora_gguf
+from trainer.llama_opt import DEFAULT_TARGETS
+
+
+@dataclass
+class Extraction:
+    """Owns the extracted LoRA factors (base tensor name -> (A (r, n_in), B (n_out, r)), float32),
+    the chosen rank and alpha, and the energy report behind the choice."""
+
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]]
+    rank: int
+    alpha: float
+    energy: dict[str, float]
+    curve: list[float] = field(default_factory=list)  # mean energy kept at rank 1..len(curve)
+    fidelity: float = 0.9
+    skipped: list[str] = field(default_factory=list)  # target matrices the training left unchanged
+
+    @property
+    def mean_energy(self) -> float:
+        return float(np.mean(list(self.energy.values()))) if self.energy else 1.0
+
+    @property
+    def min_energy(self) -> float:
+        return float(min(self.energy.values())) if self.energy else 1.0
+
+    def report(self) -> dict[str, Any]:
+        """JSON-ready summary (for the manifest / logs)."""
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "fidelity_target": self.fidelity,
+            "energy_mean": self.mean_energy,
+            "energy_min": self.min_energy,
+            "energy_curve_mean": [round(e, 6) for e in self.curve],
+            "n_matrices": len(self.pairs),
+            "skipped": list(self.skipped),
+        }
+
+
+def _tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def _as_f32_matrix(t: gguf.ReaderTensor) -> np.ndarray:
+    if t.tensor_type != gguf.GGMLQuantizationType.F32:
+        raise ValueError(f"{t.name} is {t.tensor_type.name}; extraction needs the FP32 base and trained models")
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    return np.asarray(t.data, dtype=np.float32).reshape(shape)
+
+
+def is_target(name: str, targets: Sequence[str]) -> bool:
+    """True for ``blk.<N>.<target>.weight`` with ``<target>`` in ``targets``."""
+    parts = name.split(".")
+    return len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in targets
+
+
+def energy_kept(s: np.ndarray, rank: int) -> float:
+    """Fraction of ``sum(s**2)`` in the first ``rank`` singular values (1.0 for a zero delta)."""
+    total = float(np.sum(np.square(s, dtype=np.float64)))
+    if total == 0.0:
+        return 1.0
+    return float(np.sum(np.square(s[:rank], dtype=np.float64)) / total)
+
+
+def choose_rank(spectra: Mapping[str, np.ndarray], *, fidelity: float, min_rank: int, max_rank: int) -> int:
+    """Smallest rank whose mean energy over ``spectra`` reaches ``fidelity``, clamped."""
+    cap = min([max_rank, *(len(s) for s in spectra.values())])
+    for r in range(1, cap + 1):
+        if np.mean([energy_kept(s, r) for s in spectra.values()]) >= fidelity:
+            return max(min(r, cap), min(min_rank, cap))
+    return cap
+
+
+def extract_lora(
+    base_f32: Path,
+    trained: Path,
+    *,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    fidelity: float = 0.9,
+    max_rank: int = 64,
+    min_rank: int = 4,
+    rank: int | None = None,
+) -> Extraction:
+    """Factorise ``trained - base_f32`` for every target matrix into one-rank LoRA pairs.
+
+    ``rank`` fixes the rank; otherwise it is chosen from ``fidelity`` (see module docstring).
+    Target matrices whose delta is exactly zero are left out of the adapter (``skipped``).
+    """
+    if not 0 < fidelity <= 1:
+        raise ValueError(f"fidelity must be in (0, 1], got {fidelity}")
+    if not 1 <= min_rank <= max_rank:
+        raise ValueError(f"need 1 <= min_rank <= max_rank, got {min_rank}, {max_rank}")
+    base_t, trained_t = _tensors(base_f32), _tensors(trained)
+    names = sorted(n for n in base_t if is_target(n, targets))
+    if not names:
+        raise ValueError(f"{base_f32} has no tensors matching targets {tuple(targets)}")
+    missing = [n for n in names if n not in trained_t]
+    if missing:
+        raise ValueError(f"{trained} lacks {len(missing)} target tensors, e.g. {missing[0]}")
+
+    svds: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    skipped: list[str] = []
+    for name in names:
+        w0, w1 = _as_f32_matrix(base_t[name]), _as_f32_matrix(trained_t[name])
+        if w0.shape != w1.shape:
+            raise ValueError(f"{name}: base shape {w0.shape} != trained shape {w1.shape}")
+        delta = w1 - w0
+        if not np.any(delta):
+            skipped.append(name)
+            continue
+        if not np.all(np.isfinite(delta)):
+            raise ValueError(f"{name}: trained weights hold NaN/Inf")
+        svds[name] = np.linalg.svd(delta, full_matrices=False)
+    if not svds:
+        raise ValueError("training changed none of the target matrices; nothing to extract")
+
+    spectra = {n: s for n, (_, s, _) in svds.items()}
+    cap = min([max_rank, *(len(s) for s in spectra.values())])
+    if rank is not None:
+        if not 1 <= rank <= cap:
+            raise ValueError(f"rank must be in [1, {cap}], got {rank}")
+        r = rank
+    else:
+        r = choose_rank(spectra, fidelity=fidelity, min_rank=min_rank, max_rank=max_rank)
+    curve = [float(np.mean([energy_kept(s, k) for s in spectra.values()])) for k in range(1, cap + 1)]
+
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    energy: dict[str, float] = {}
+    for name, (u, s, vt) in svds.items():
+        root = np.sqrt(s[:r])
+        b = (u[:, :r] * root[None, :]).astype(np.float32)
+        a = (root[:, None] * vt[:r, :]).astype(np.float32)
+        pairs[name] = (np.ascontiguousarray(a), np.ascontiguousarray(b))
+        energy[name] = energy_kept(s, r)
+    return Extraction(
+        pairs=pairs, rank=r, alpha=float(r), energy=energy, curve=curve, fidelity=fidelity, skipped=skipped
+    )
+
+
+def save_lora(
+    extraction: Extraction,
+    path: Path,
+    *,
+    architecture: str,
+    metadata: Mapping[str, str | int | float] | None = None,
+) -> Path:
+    """Write the adapter GGUF through ``server.registry.write_lora_gguf``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_lora_gguf(
+        path, architecture=architecture, pairs=extraction.pairs, alpha=extraction.alpha, metadata=metadata or {}
+    )
+    return path
+
+
+__all__ = ["Extraction", "choose_rank", "energy_kept", "extract_lora", "is_target", "save_lora"]

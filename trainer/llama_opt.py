@@ -1,0 +1,501 @@
+"""In-process bindings to llama.cpp for the trainer (training, scoring, greedy generation).
+
+Owns: every ctypes call the trainer makes into llama.cpp / ggml. No other trainer module
+imports ``llama_cpp`` or ``ctypes``. Two classes:
+
+- :class:`TrainSession` owns one FP32 model loaded with writable weights, its training
+  context, the ggml-opt optimizer state, a one-window ``ggml_opt_dataset`` reused for every
+  step, and the ``ggml_opt_optimizer_params`` struct the optimizer reads before each step
+  (so the caller can change the learning rate between steps).
+- :class:`InferenceSession` owns a model + context used to score token windows (per-token
+  negative log-likelihood from llama.cpp logits) and to generate greedily, optionally with a
+  LoRA adapter attached through ``llama_adapter_lora_init`` / ``llama_set_adapters_lora``.
+
+Facts about llama-cpp-python 0.3.36 (and the llama.cpp it vendors) that this module relies on:
+
+- its ``llama_opt_params`` binding lacks the trailing ``optimizer_type`` field, so the struct
+  and the ``llama_opt_init`` prototype are declared here from ``include/llama.h``;
+- a ctypes callback cannot return a struct, so the optimizer-params callback is llama.cpp's own
+  ``ggml_opt_get_constant_optimizer_params`` pointed at a struct we own;
+- weights must be writable (``load_mode = LLAMA_LOAD_MODE_NONE``) and F32 (only F32 tensors
+  are made trainable, see ``llama_set_param`` in ``src/llama-context.cpp``);
+- ``n_ubatch`` must equal ``n_ctx`` or the K and V projections get no gradient, and llama.cpp
+  pads ``n_ctx`` to a multiple of 256, so training windows are multiples of 256 tokens;
+- ``llama_opt_epoch`` does not set the CPU backend's thread count (``llama_decode`` does), so
+  a one-token warm-up decode runs first, as ``llama-finetune``'s common init does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+import llama_cpp.llama_cpp as llc
+
+GGML_TYPE_F32 = 0
+GGML_TYPE_I32 = 26
+LLAMA_LOAD_MODE_NONE = 0
+LLAMA_FLASH_ATTN_TYPE_DISABLED = 0
+OPTIMIZERS: dict[str, int] = {"adamw": 0, "sgd": 1}  # enum ggml_opt_optimizer_type
+
+# The 2-D matrices a LoRA adapter can carry in a llama-architecture block.
+DEFAULT_TARGETS: tuple[str, ...] = (
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+)
+
+
+class LlamaError(RuntimeError):
+    """llama.cpp refused a request (model or adapter failed to load, decode failed, ...)."""
+
+
+class GgmlOptOptimizerParams(ctypes.Structure):
+    """``struct ggml_opt_optimizer_params`` (ggml/include/ggml-opt.h): two nested structs of floats."""
+
+    _fields_ = [
+        ("adamw_alpha", ctypes.c_float),
+        ("adamw_beta1", ctypes.c_float),
+        ("adamw_beta2", ctypes.c_float),
+        ("adamw_eps", ctypes.c_float),
+        ("adamw_wd", ctypes.c_float),
+        ("sgd_alpha", ctypes.c_float),
+        ("sgd_wd", ctypes.c_float),
+    ]
+
+
+class LlamaOptParams(ctypes.Structure):
+    """``struct llama_opt_params`` as in include/llama.h, including ``optimizer_type``."""
+
+    _fields_ = [
+        ("n_ctx_train", ctypes.c_uint32),
+        ("param_filter", ctypes.c_void_p),
+        ("param_filter_ud", ctypes.c_void_p),
+        ("get_opt_pars", ctypes.c_void_p),
+        ("get_opt_pars_ud", ctypes.c_void_p),
+        ("optimizer_type", ctypes.c_int),
+    ]
+
+
+_PARAM_FILTER = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
+
+
+class _Ggml:
+    """The ggml / ggml-opt symbols we need, resolved from the libggml*.so next to libllama.so."""
+
+    def __init__(self) -> None:
+        lib_dir = Path(llc.__file__).parent / "lib"
+        libs = [ctypes.CDLL(str(p)) for p in sorted(lib_dir.glob("libggml*.so*"))]
+
+        def sym(name: str, restype: object, argtypes: list[object]) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
+            for lib in libs:
+                if hasattr(lib, name):
+                    proto = ctypes.CFUNCTYPE(restype, *argtypes)  # type: ignore[arg-type]
+                    return proto((name, lib))
+            raise LlamaError(f"symbol {name} not found in {lib_dir}/libggml*.so")
+
+        vp, i64 = ctypes.c_void_p, ctypes.c_int64
+        self.dataset_init = sym("ggml_opt_dataset_init", vp, [ctypes.c_int, ctypes.c_int, i64, i64, i64, i64])
+        self.dataset_free = sym("ggml_opt_dataset_free", None, [vp])
+        self.dataset_data = sym("ggml_opt_dataset_data", vp, [vp])
+        self.dataset_labels = sym("ggml_opt_dataset_labels", vp, [vp])
+        self.result_init = sym("ggml_opt_result_init", vp, [])
+        self.result_free = sym("ggml_opt_result_free", None, [vp])
+        self.result_reset = sym("ggml_opt_result_reset", None, [vp])
+        self.result_loss = sym(
+            "ggml_opt_result_loss", None, [vp, ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
+        )
+        self.get_data = sym("ggml_get_data", vp, [vp])
+        self.get_name = sym("ggml_get_name", ctypes.c_char_p, [vp])
+        self.nbytes = sym("ggml_nbytes", ctypes.c_size_t, [vp])
+        # Passed to llama.cpp as a function pointer, never called from Python.
+        self.constant_optimizer_params = self._address(libs, "ggml_opt_get_constant_optimizer_params")
+        self.progress_bar = self._address(libs, "ggml_opt_epoch_callback_progress_bar")
+
+    @staticmethod
+    def _address(libs: list[ctypes.CDLL], name: str) -> int:
+        for lib in libs:
+            if hasattr(lib, name):
+                return int(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0)
+        raise LlamaError(f"symbol {name} not found")
+
+
+_GGML: _Ggml | None = None
+_BACKEND_READY = False
+_LOG_CB: object = None
+
+
+def _ggml() -> _Ggml:
+    global _GGML
+    if _GGML is None:
+        _GGML = _Ggml()
+    return _GGML
+
+
+def _backend(verbose: bool) -> None:
+    """Initialise the llama.cpp backend once; silence its logging unless ``verbose``."""
+    global _BACKEND_READY, _LOG_CB
+    if not _BACKEND_READY:
+        llc.llama_backend_init()
+        _BACKEND_READY = True
+    if not verbose and _LOG_CB is None:
+
+        @llc.llama_log_callback
+        def _quiet(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            if level == 4:  # GGML_LOG_LEVEL_ERROR
+                import sys
+
+                sys.stderr.write(text.decode("utf-8", "replace"))
+
+        _LOG_CB = _quiet
+        llc.llama_log_set(_quiet, ctypes.c_void_p(0))
+
+
+_opt_init = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, LlamaOptParams)(("llama_opt_init", llc._lib))
+_opt_epoch = ctypes.CFUNCTYPE(
+    None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
+)(("llama_opt_epoch", llc._lib))
+
+
+def _load_model(path: Path, *, writable: bool) -> ctypes.c_void_p:
+    mparams = llc.llama_model_default_params()
+    mparams.n_gpu_layers = 0
+    if writable:
+        mparams.load_mode = LLAMA_LOAD_MODE_NONE
+    model = llc.llama_model_load_from_file(str(path).encode(), mparams)
+    if not model:
+        raise LlamaError(f"llama.cpp could not load model {path}")
+    return model
+
+
+def _new_context(model: ctypes.c_void_p, *, n_ctx: int, n_batch: int, threads: int, f32_cache: bool) -> ctypes.c_void_p:
+    cparams = llc.llama_context_default_params()
+    cparams.n_ctx = n_ctx
+    cparams.n_batch = n_batch
+    cparams.n_ubatch = n_batch
+    cparams.n_seq_max = 1
+    cparams.n_threads = threads
+    cparams.n_threads_batch = threads
+    cparams.no_perf = True
+    if f32_cache:
+        # OUT_PROD has no F16 backward; llama-finetune forces the same.
+        cparams.type_k = GGML_TYPE_F32
+        cparams.type_v = GGML_TYPE_F32
+        cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = llc.llama_init_from_model(model, cparams)
+    if not ctx:
+        raise LlamaError("llama.cpp could not create a context")
+    return ctx
+
+
+def _tokenize(vocab: ctypes.c_void_p, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+    raw = text.encode("utf-8")
+    cap = max(16, len(raw) + 8)
+    while True:
+        buf = (llc.llama_token * cap)()
+        n = llc.llama_tokenize(vocab, raw, len(raw), buf, cap, add_special, parse_special)
+        if n >= 0:
+            return list(buf[:n])
+        cap = -n
+
+
+def _piece(vocab: ctypes.c_void_p, token: int) -> bytes:
+    buf = ctypes.create_string_buffer(256)
+    n = llc.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llc.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+    return buf.raw[:n]
+
+
+class _ModelHandle:
+    """Owns a loaded llama_model, its vocab, and one llama_context; frees both on close()."""
+
+    def __init__(self, path: Path, *, n_ctx: int, n_batch: int, threads: int, writable: bool, verbose: bool) -> None:
+        _backend(verbose)
+        self.path = Path(path)
+        self.model = _load_model(self.path, writable=writable)
+        self.vocab = llc.llama_model_get_vocab(self.model)
+        self.n_vocab = int(llc.llama_vocab_n_tokens(self.vocab))
+        try:
+            self.ctx = _new_context(self.model, n_ctx=n_ctx, n_batch=n_batch, threads=threads, f32_cache=writable)
+        except Exception:
+            llc.llama_model_free(self.model)
+            raise
+        self.n_ctx = int(llc.llama_n_ctx(self.ctx))
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """Token ids for ``text``; special tokens (``<|im_start|>``...) are parsed by default."""
+        return _tokenize(self.vocab, text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: Iterable[int]) -> str:
+        return b"".join(_piece(self.vocab, t) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llc.llama_vocab_is_eog(self.vocab, token))
+
+    def clear_memory(self) -> None:
+        llc.llama_memory_clear(llc.llama_get_memory(self.ctx), True)
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            llc.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            llc.llama_model_free(self.model)
+            self.model = None
+
+
+class TrainSession:
+    """Owns one training run's llama.cpp state: writable FP32 model, training context,
+    optimizer (ggml-opt), the optimizer-params struct read before every step, and a
+    one-window dataset reused for every step.
+
+    One :meth:`step` = one window of ``n_ctx`` input tokens (labels are the same tokens shifted
+    by one) = one forward + backward + optimizer step, returning that window's mean loss.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        n_ctx: int = 256,
+        threads: int = 2,
+        optimizer: str = "sgd",
+        targets: Sequence[str] = DEFAULT_TARGETS,
+        lr: float = 2e-3,
+        weight_decay: float = 0.0,
+        verbose: bool = False,
+    ) -> None:
+        if n_ctx <= 0 or n_ctx % 256:
+            raise ValueError(f"n_ctx must be a positive multiple of 256 (llama.cpp pads contexts to 256), got {n_ctx}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+        self._ggml = _ggml()
+        self.optimizer = optimizer
+        self.targets = tuple(targets)
+        self.trainable: list[str] = []
+        self._h = _ModelHandle(model_path, n_ctx=n_ctx, n_batch=n_ctx, threads=threads, writable=True, verbose=verbose)
+        if self._h.n_ctx != n_ctx:
+            self.close()
+            raise LlamaError(f"llama.cpp made a context of {self._h.n_ctx} tokens, asked for {n_ctx}")
+        self.n_ctx = n_ctx
+        self._warm_up()
+
+        self._opt_pars = GgmlOptOptimizerParams(
+            adamw_alpha=lr, adamw_beta1=0.9, adamw_beta2=0.999, adamw_eps=1e-8, adamw_wd=weight_decay,
+            sgd_alpha=lr, sgd_wd=weight_decay,
+        )  # fmt: skip
+        suffixes = tuple(f".{t}.weight" for t in self.targets)
+
+        def keep(tensor: int, _ud: int) -> bool:
+            name = (self._ggml.get_name(tensor) or b"").decode()
+            chosen = name.startswith("blk.") and name.endswith(suffixes)
+            if chosen:
+                self.trainable.append(name)
+            return chosen
+
+        self._filter = _PARAM_FILTER(keep)  # must outlive llama_opt_init
+        params = LlamaOptParams(
+            n_ctx_train=0,
+            param_filter=ctypes.cast(self._filter, ctypes.c_void_p).value,
+            param_filter_ud=None,
+            get_opt_pars=self._ggml.constant_optimizer_params,
+            get_opt_pars_ud=ctypes.addressof(self._opt_pars),
+            optimizer_type=OPTIMIZERS[optimizer],
+        )
+        _opt_init(self._h.ctx, self._h.model, params)
+        if not self.trainable:
+            self.close()
+            raise LlamaError(f"no F32 tensor of {model_path} matched targets {self.targets}")
+
+        self._dataset = self._ggml.dataset_init(GGML_TYPE_I32, GGML_TYPE_I32, n_ctx, n_ctx, 1, 1)
+        self._result = self._ggml.result_init()
+        self._data = self._ggml.get_data(self._ggml.dataset_data(self._dataset))
+        self._labels = self._ggml.get_data(self._ggml.dataset_labels(self._dataset))
+
+    def _warm_up(self) -> None:
+        """One-token decode: sets the CPU backend's thread count, which llama_opt_epoch does not."""
+        tok = (llc.llama_token * 1)(max(0, int(llc.llama_vocab_bos(self._h.vocab))))
+        if llc.llama_decode(self._h.ctx, llc.llama_batch_get_one(tok, 1)) != 0:
+            raise LlamaError("warm-up decode failed")
+        self._h.clear_memory()
+
+    @property
+    def n_vocab(self) -> int:
+        return self._h.n_vocab
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        return self._h.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def set_lr(self, lr: float, weight_decay: float | None = None) -> None:
+        """Learning rate (and optionally weight decay) used by the next optimizer step."""
+        self._opt_pars.adamw_alpha = self._opt_pars.sgd_alpha = lr
+        if weight_decay is not None:
+            self._opt_pars.adamw_wd = self._opt_pars.sgd_wd = weight_decay
+
+    def step(self, window: Sequence[int]) -> float:
+        """Train on one window of ``n_ctx + 1`` tokens; returns the window's mean cross-entropy."""
+        if len(window) != self.n_ctx + 1:
+            raise ValueError(f"a window holds n_ctx + 1 = {self.n_ctx + 1} tokens, got {len(window)}")
+        arr = np.asarray(window, dtype=np.int32)
+        if arr.min() < 0 or arr.max() >= self.n_vocab:
+            raise ValueError("token id out of range for this vocabulary")
+        n = self.n_ctx * 4
+        ctypes.memmove(self._data, arr[:-1].ctypes.data, n)
+        ctypes.memmove(self._labels, arr[1:].ctypes.data, n)
+        self._ggml.result_reset(self._result)
+        _opt_epoch(self._h.ctx, self._dataset, self._result, None, 1, None, None)
+        loss = ctypes.c_double()
+        self._ggml.result_loss(self._result, ctypes.byref(loss), None)
+        return float(loss.value)
+
+    def save(self, path: Path) -> Path:
+        """Write the model with its current (trained) weights as a GGUF (llama_model_save_to_file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        llc.llama_model_save_to_file(self._h.model, str(path).encode())
+        if not path.exists():
+            raise LlamaError(f"llama_model_save_to_file did not write {path}")
+        return path
+
+    def close(self) -> None:
+        g = self._ggml
+        if getattr(self, "_dataset", None):
+            g.dataset_free(self._dataset)
+            self._dataset = None
+        if getattr(self, "_result", None):
+            g.result_free(self._result)
+            self._result = None
+        self._h.close()
+
+    def __enter__(self) -> TrainSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class InferenceSession:
+    """Owns a read-only model + context for scoring and greedy generation, and the LoRA
+    adapter (if any) attached to that context through llama.cpp's adapter API."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        n_ctx: int = 256,
+        threads: int = 2,
+        adapter: Path | None = None,
+        adapter_scale: float = 1.0,
+        verbose: bool = False,
+    ) -> None:
+        self._h = _ModelHandle(model_path, n_ctx=n_ctx, n_batch=n_ctx, threads=threads, writable=False, verbose=verbose)
+        self.n_ctx = self._h.n_ctx
+        self.adapter_path = adapter
+        self._adapter = None
+        if adapter is not None:
+            self._adapter = llc.llama_adapter_lora_init(self._h.model, str(adapter).encode())
+            if not self._adapter:
+                self.close()
+                raise LlamaError(f"llama_adapter_lora_init refused {adapter} for base {model_path}")
+            arr = (llc.llama_adapter_lora_p_ctypes * 1)(self._adapter)
+            scales = (ctypes.c_float * 1)(adapter_scale)
+            if llc.llama_set_adapters_lora(self._h.ctx, arr, 1, scales) != 0:
+                self.close()
+                raise LlamaError(f"llama_set_adapters_lora failed for {adapter}")
+
+    @property
+    def n_vocab(self) -> int:
+        return self._h.n_vocab
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        return self._h.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: Iterable[int]) -> str:
+        return self._h.detokenize(tokens)
+
+    def _decode(self, tokens: Sequence[int], pos0: int, *, all_logits: bool) -> None:
+        n = len(tokens)
+        batch = llc.llama_batch_init(n, 0, 1)
+        try:
+            batch.n_tokens = n
+            for i, t in enumerate(tokens):
+                batch.token[i] = int(t)
+                batch.pos[i] = pos0 + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1 if (all_logits or i == n - 1) else 0
+            if llc.llama_decode(self._h.ctx, batch) != 0:
+                raise LlamaError("llama_decode failed")
+        finally:
+            llc.llama_batch_free(batch)
+
+    def window_nll(self, window: Sequence[int]) -> np.ndarray:
+        """Per-token negative log-likelihood (nats) of ``window[1:]`` given the preceding tokens,
+        from one llama_decode of ``window[:-1]`` with logits for every position."""
+        inputs, labels = list(window[:-1]), np.asarray(window[1:], dtype=np.int64)
+        if not 0 < len(inputs) <= self.n_ctx:
+            raise ValueError(f"window must hold 2..{self.n_ctx + 1} tokens, got {len(window)}")
+        self._h.clear_memory()
+        self._decode(inputs, 0, all_logits=True)
+        ptr = llc.llama_get_logits(self._h.ctx)
+        logits = np.ctypeslib.as_array(ptr, shape=(len(inputs), self.n_vocab)).astype(np.float64)
+        m = logits.max(axis=1, keepdims=True)
+        lse = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
+        return lse - logits[np.arange(len(inputs)), labels]
+
+    def generate(self, prompt: str, *, max_tokens: int = 64) -> str:
+        """Greedy (argmax) continuation of ``prompt`` (special tokens parsed), stopping at an
+        end-of-generation token, ``max_tokens`` or the context size."""
+        tokens = self.tokenize(prompt)
+        if len(tokens) >= self.n_ctx:
+            raise ValueError(f"prompt of {len(tokens)} tokens does not fit the {self.n_ctx}-token context")
+        self._h.clear_memory()
+        self._decode(tokens, 0, all_logits=False)
+        pos, out = len(tokens), []
+        for _ in range(max_tokens):
+            ptr = llc.llama_get_logits_ith(self._h.ctx, -1)
+            nxt = int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))))
+            if self._h.is_eog(nxt) or pos >= self.n_ctx:
+                break
+            out.append(nxt)
+            self._decode([nxt], pos, all_logits=False)
+            pos += 1
+        return self.detokenize(out)
+
+    def close(self) -> None:
+        if getattr(self, "_adapter", None):
+            llc.llama_set_adapters_lora(self._h.ctx, None, 0, None)
+            llc.llama_adapter_lora_free(self._adapter)
+            self._adapter = None
+        self._h.close()
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean NLL), capped so a diverged model reports inf instead of raising."""
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf
+
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "OPTIMIZERS",
+    "InferenceSession",
+    "LlamaError",
+    "TrainSession",
+    "perplexity",
+]
