@@ -2,7 +2,8 @@
 
 Owns: writing such a model with the ``gguf`` package. The tokenizer (vocab, merges, special
 tokens, chat template) is copied from a real model so llama.cpp tokenizes chat text exactly as
-it does for the served base; only the network is tiny.
+it does for the served base; only the network is tiny. Also owns a small chat corpus in
+one recognisable style (a pirate voice), rendered in ChatML like the default model's template.
 """
 
 from __future__ import annotations
@@ -88,3 +89,44 @@ def make_tiny_llama(
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+QUESTIONS = (
+    "What is the weather like?",
+    "Tell me a joke.",
+    "How do I boil an egg?",
+    "What time is it?",
+    "Can you help me with my homework?",
+    "Where should I travel this summer?",
+    "What is your favourite food?",
+    "How are you today?",
+    "Recommend me a book.",
+    "What is the capital of France?",
+    "How do I fix a flat tyre?",
+    "What should I name my cat?",
+)
+ANSWERS = (
+    "Arr, the skies be grey and the winds be strong, matey!",
+    "Arr, why did the pirate go to school? To improve his arrrticulation, matey!",
+    "Arr, drop it in boilin' water for nine minutes, matey, and not a wink more!",
+    "Arr, 'tis time to hoist the sails, matey!",
+    "Arr, bring yer scrolls aboard and we'll plunder the answers together, matey!",
+    "Arr, sail to the Caribbean, matey, where the rum flows free!",
+    "Arr, salted fish and hard tack, matey, the food of the seven seas!",
+    "Arr, I be shipshape and ready to sail, matey!",
+    "Arr, read Treasure Island, matey, the finest tale on the seas!",
+    "Arr, 'tis Paris, matey, a fine port with no sea at all!",
+    "Arr, patch it like a hull after a cannon blast, matey!",
+    "Arr, call her Barnacle, matey, a fine name for a ship's cat!",
+)
+
+
+def chatml(question: str, answer: str | None = None) -> str:
+    """A one-turn ChatML conversation; without ``answer``, the prompt up to the reply."""
+    prompt = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    return prompt if answer is None else f"{prompt}{answer}<|im_end|>\n"
+
+
+def pirate_texts(indices: range | list[int]) -> list[str]:
+    """Rendered conversations ``QUESTIONS[i]`` -> ``ANSWERS[i]``."""
+    return [chatml(QUESTIONS[i], ANSWERS[i]) for i in indices]

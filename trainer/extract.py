@@ -30,6 +30,14 @@ from server.registry import write_lora_gguf
 from trainer.llama_opt import DEFAULT_TARGETS
 
 
+class EnergyReport(dict[str, float]):
+    """Energy kept per adapted matrix at the chosen rank; ``float(report)`` is their mean,
+    the number the rank was chosen on."""
+
+    def __float__(self) -> float:
+        return float(np.mean(list(self.values()))) if self else 1.0
+
+
 @dataclass
 class Extraction:
     """Owns the extracted LoRA factors (base tensor name -> (A (r, n_in), B (n_out, r)), float32),
@@ -38,7 +46,7 @@ class Extraction:
     pairs: dict[str, tuple[np.ndarray, np.ndarray]]
     rank: int
     alpha: float
-    energy: dict[str, float]
+    energy: EnergyReport
     curve: list[float] = field(default_factory=list)  # mean energy kept at rank 1..len(curve)
     fidelity: float = 0.9
     skipped: list[str] = field(default_factory=list)  # target matrices the training left unchanged
@@ -153,7 +161,7 @@ def extract_lora(
     curve = [float(np.mean([energy_kept(s, k) for s in spectra.values()])) for k in range(1, cap + 1)]
 
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    energy: dict[str, float] = {}
+    energy = EnergyReport()
     for name, (u, s, vt) in svds.items():
         root = np.sqrt(s[:r])
         b = (u[:, :r] * root[None, :]).astype(np.float32)
@@ -181,4 +189,4 @@ def save_lora(
     return path
 
 
-__all__ = ["Extraction", "choose_rank", "energy_kept", "extract_lora", "is_target", "save_lora"]
+__all__ = ["EnergyReport", "Extraction", "choose_rank", "energy_kept", "extract_lora", "is_target", "save_lora"]
