@@ -1,0 +1,41 @@
+"""`python -m server`: run the chat server. CLI flags override CHAT_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import uvicorn
+
+from server.app import create_app
+from server.settings import Settings
+
+
+def parse_args(argv: list[str] | None = None) -> dict[str, object]:
+    p = argparse.ArgumentParser(prog="python -m server", description=__doc__)
+    p.add_argument("--host", help="address to listen on (CHAT_HOST)")
+    p.add_argument("--port", type=int, help="port to listen on (CHAT_PORT)")
+    p.add_argument("--model", type=Path, help="base model GGUF (CHAT_MODEL)")
+    p.add_argument("--adapters-dir", type=Path, help="adapters directory (CHAT_ADAPTERS_DIR)")
+    p.add_argument("--prompts-dir", type=Path, help="prompts directory (CHAT_PROMPTS_DIR)")
+    p.add_argument("--routes-file", type=Path, help="routes TOML (CHAT_ROUTES_FILE)")
+    p.add_argument("--db-path", type=Path, help="conversation log SQLite file (CHAT_DB_PATH)")
+    p.add_argument("--parallel", type=int, help="sequences decoded together (CHAT_PARALLEL)")
+    p.add_argument("--n-ctx", type=int, help="context tokens per sequence (CHAT_N_CTX)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = vars(p.parse_args(argv))
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    overrides = parse_args(argv)
+    level = str(overrides.pop("log_level"))
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=level,
+                timeout_graceful_shutdown=30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,412 @@
+"""The HTTP layer: `create_app(settings)` builds the Litestar app; handlers are thin glue.
+
+The lifespan loads the model, opens the conversation log, scans adapters and starts the watcher,
+and closes them all in `finally`. Every error leaves as OpenAI's error body through one set of
+exception handlers. Each handler declares `opt={"auth": ...}`: "public", "api" or "admin"; the guard
+enforces it, and the test suite fails on a handler without a decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+
+from litestar import Litestar, Request, Response, get, post
+from litestar.config.cors import CORSConfig
+from litestar.connection import ASGIConnection
+from litestar.exceptions import HTTPException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.response.base import ASGIResponse
+from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
+from litestar.types import ASGIApp
+from pydantic import BaseModel, ValidationError
+from sse_starlette import EventSourceResponse
+
+from server import protocol
+from server.adapter_pool import AdapterPool
+from server.chat import ChatService
+from server.chat_template import ChatTemplate
+from server.engine import Engine, EngineConfig
+from server.errors import (
+    APIError,
+    AuthenticationFailed,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    ServiceUnavailable,
+    body_for,
+    error_body,
+)
+from server.gguf_info import BaseModelInfo
+from server.metrics import Metrics
+from server.routes import RouteTable
+from server.settings import Settings
+from server.store import ConversationLog, connect
+
+log = logging.getLogger(__name__)
+
+AUTH_PUBLIC, AUTH_API, AUTH_ADMIN = "public", "api", "admin"
+
+
+@dataclass
+class AppState:
+    """Everything the handlers use, built by the lifespan."""
+
+    settings: Settings
+    metrics: Metrics
+    base: BaseModelInfo | None = None
+    engine: Engine | None = None
+    pool: AdapterPool | None = None
+    chat: ChatService | None = None
+    conversation_log: ConversationLog | None = None
+    draining: bool = False
+
+
+def _state(request: Request | ASGIConnection) -> AppState:
+    return request.app.state["app"]
+
+
+def _ready(state: AppState) -> ChatService:
+    if state.draining:
+        raise ServiceUnavailable("the server is shutting down")
+    if state.chat is None or state.engine is None or not state.engine.alive:
+        raise ServiceUnavailable("the model is not loaded yet; retry shortly")
+    return state.chat
+
+
+# ------------------------------------------------------------------ auth
+
+
+def _key_matches(presented: str, keys: list[str]) -> bool:
+    ok = False
+    for key in keys:  # constant-time per key, and no early exit
+        ok |= hmac.compare_digest(presented.encode(), key.encode())
+    return ok
+
+
+def _presented_key(connection: ASGIConnection) -> str:
+    header = connection.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token:
+        return token.strip()
+    return connection.headers.get("x-api-key", "")
+
+
+def auth_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    settings: Settings = _state(connection).settings
+    level = handler.opt.get("auth")
+    if level is None:
+        raise PermissionDenied("this endpoint has no access decision")  # fail closed
+    if level == "metrics":
+        level = AUTH_PUBLIC if settings.metrics_public else AUTH_API
+    if level == AUTH_PUBLIC or not (settings.api_keys or settings.admin_keys):
+        return
+    key = _presented_key(connection)
+    if level == AUTH_ADMIN:
+        if not settings.admin_keys:
+            raise PermissionDenied("admin endpoints are disabled: configure CHAT_ADMIN_KEYS to use them")
+        if not key or not _key_matches(key, settings.admin_keys):
+            raise AuthenticationFailed("this endpoint needs an admin key: Authorization: Bearer <admin key>")
+        return
+    if not key or not _key_matches(key, settings.api_keys + settings.admin_keys):
+        raise AuthenticationFailed("missing or invalid API key: send Authorization: Bearer <key>")
+
+
+# ------------------------------------------------------------------ errors
+
+
+def _api_error(request: Request, exc: APIError) -> Response:
+    return Response(body_for(exc), status_code=exc.status, headers=exc.headers)
+
+
+def _http_error(request: Request, exc: HTTPException) -> Response:
+    status = exc.status_code
+    kinds = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+    if status == 404:
+        message = f"no such endpoint: {request.method} {request.url.path[:200]}"
+    elif status == 413:
+        message = f"request body too large: the limit is {_state(request).settings.max_body_bytes} bytes"
+    elif status == 405:
+        message = f"method {request.method} is not allowed on {request.url.path[:200]}"
+    elif status >= 500:
+        log.error("HTTP %d: %s", status, exc.detail)
+        message = "internal server error"
+    else:
+        message = str(exc.detail)
+    type_ = kinds.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return Response(error_body(message, type_), status_code=status, headers=getattr(exc, "headers", None) or {})
+
+
+def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return Response(error_body("internal server error", "server_error"), status_code=500)
+
+
+# ------------------------------------------------------------------ body parsing
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"the body is not valid JSON: {str(e)[:120]}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        message, param = protocol.describe_validation_error(e)
+        raise InvalidRequest(message, param=param) from None
+    except RecursionError:
+        raise InvalidRequest("the body is nested too deeply") from None
+
+
+# ------------------------------------------------------------------ handlers
+
+
+@post("/v1/chat/completions", opt={"auth": AUTH_API}, status_code=HTTP_200_OK)
+async def chat_completions(request: Request) -> ASGIApp:
+    state = _state(request)
+    chat = _ready(state)
+    req = await _parse(request, protocol.ChatCompletionRequest)
+    ex = await chat.start(req, conversation_id=request.headers.get("x-conversation-id"))
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return EventSourceResponse(
+            _sse(chat, ex, include_usage), headers=ex.headers, ping=state.settings.sse_ping_s, sep="\n",
+            send_timeout=30,
+        )
+    return await _collect(request, chat, ex)
+
+
+async def _collect(request: Request, chat: ChatService, ex: Any) -> ASGIResponse:
+    """Non-streaming: gather the answer; a client that disconnects cancels the generation."""
+
+    async def watch_disconnect() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                ex.stream.cancel()
+                return
+
+    watcher = asyncio.create_task(watch_disconnect())
+    try:
+        async for _ in chat.run(ex):
+            pass
+    finally:
+        watcher.cancel()
+        with suppress(asyncio.CancelledError):
+            await watcher
+    usage = protocol.usage(ex.prompt_tokens, ex.completion_tokens, ex.cached_tokens)
+    body = protocol.completion(ex.id, ex.model, ex.created, ex.text, ex.finish_reason or "stop", usage)
+    return ASGIResponse(body=json.dumps(body, ensure_ascii=False).encode(), headers=ex.headers,
+                        media_type="application/json")
+
+
+async def _sse(chat: ChatService, ex: Any, include_usage: bool) -> AsyncIterator[dict[str, str]]:
+    def data(obj: dict[str, Any]) -> dict[str, str]:
+        return {"data": json.dumps(obj, ensure_ascii=False)}
+
+    def chunk(delta: dict[str, Any] | None, finish: str | None = None, use: dict | None = None) -> dict[str, str]:
+        return data(protocol.chunk(ex.id, ex.model, ex.created, delta, finish, use, include_usage))
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for text in chat.run(ex):
+            yield chunk({"content": text})
+    except APIError as e:
+        yield data(body_for(e))
+        yield {"data": "[DONE]"}
+        return
+    yield chunk({}, ex.finish_reason or "stop")
+    if include_usage:
+        yield chunk(None, use=protocol.usage(ex.prompt_tokens, ex.completion_tokens, ex.cached_tokens))
+    yield {"data": "[DONE]"}
+
+
+@get("/v1/models", opt={"auth": AUTH_API})
+async def list_models(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    chat = _ready(state)
+    base = state.settings.served_model_name
+    cards = [protocol.model_card(base, "local", kind="base")]
+    for name, route in chat.routes.routes.items():
+        cards.append(protocol.model_card(
+            name, "route", parent=base, kind="route", description=route.description,
+            paths=[p for p, ok in (("prompt", route.has_prompt_path), ("finetuned", route.has_finetuned_path)) if ok],
+            split=route.split, adapters=[{"name": n, "scale": s} for n, s in route.adapters],
+        ))  # fmt: skip
+    for name, versions in sorted(chat.pool.available.items()):
+        current = chat.pool.current[name]
+        cards.append(protocol.model_card(name, "adapter", parent=base, kind="adapter", version=current))
+        for v in sorted(versions):
+            cards.append(protocol.model_card(f"{name}@{v}", "adapter", parent=base, kind="adapter", version=v))
+    return {"object": "list", "data": cards}
+
+
+@get("/v1/adapters", opt={"auth": AUTH_API})
+async def list_adapters(request: Request) -> dict[str, Any]:
+    chat = _ready(_state(request))
+    pool = chat.pool
+    out = []
+    for name, versions in sorted(pool.available.items()):
+        out.append({
+            "name": name, "current": pool.current[name],
+            "versions": [versions[v].manifest.model_dump() for v in sorted(versions)],
+            "loaded": [k for k in pool.loaded_keys if k.startswith(f"{name}@")],
+        })  # fmt: skip
+    return {"object": "list", "data": out, "refused": pool.refused}
+
+
+@post("/v1/adapters/reload", opt={"auth": AUTH_ADMIN}, status_code=HTTP_200_OK)
+async def reload_adapters(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    chat = _ready(state)
+    summary = await chat.pool.reload()
+    routes_path = state.settings.routes_path
+    chat.routes = await asyncio.to_thread(RouteTable.load, routes_path, state.settings.prompts_dir)
+    summary["routes"] = sorted(chat.routes.routes)
+    return summary
+
+
+@post("/v1/feedback", opt={"auth": AUTH_API}, status_code=HTTP_200_OK)
+async def feedback(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    _ready(state)
+    fb = await _parse(request, protocol.FeedbackRequest)
+    clog = state.conversation_log
+    if clog is None:
+        raise NotFound("the conversation log is switched off on this server", param="response_id")
+    row = await asyncio.to_thread(_exchange_route, clog, fb.response_id)
+    if row is None:
+        raise NotFound(f"no logged response with id {fb.response_id[:128]!r}", param="response_id")
+    clog.add_feedback(fb.response_id, fb.rating, fb.corrected, fb.comment)
+    route, path = row
+    if state.chat is not None and state.chat.route_label_known(route):
+        rating = {1: "up", 0: "neutral", -1: "down"}[fb.rating]
+        state.metrics.feedback.labels(route, path, rating).inc()
+    return {"object": "feedback", "response_id": fb.response_id, "rating": fb.rating}
+
+
+def _exchange_route(clog: ConversationLog, response_id: str) -> tuple[str, str] | None:
+    clog.flush()
+    conn = connect(clog.path, readonly=True)
+    try:
+        row = conn.execute("SELECT route, path_kind FROM exchanges WHERE id = ?", (response_id,)).fetchone()
+    finally:
+        conn.close()
+    return (row[0], row[1]) if row else None
+
+
+@get("/health", opt={"auth": AUTH_PUBLIC})
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/ready", opt={"auth": AUTH_PUBLIC})
+async def ready(request: Request) -> Response:
+    state = _state(request)
+    problems = []
+    if state.draining:
+        problems.append("shutting down")
+    if state.engine is None or not state.engine.alive:
+        problems.append("model not loaded")
+    elif state.engine.stuck():
+        problems.append("generation worker stuck")
+    if state.pool is None or not state.pool.scanned:
+        problems.append("adapters not scanned")
+    if problems:
+        return Response({"status": "unavailable", "problems": problems}, status_code=HTTP_503_SERVICE_UNAVAILABLE)
+    return Response({"status": "ready", "adapters": len(state.pool.available)})
+
+
+@get("/metrics", opt={"auth": "metrics"}, media_type="text/plain; version=0.0.4")
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    body = await asyncio.to_thread(state.metrics.render)
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+HANDLERS = [chat_completions, list_models, list_adapters, reload_adapters, feedback, health, ready, metrics]
+
+
+# ------------------------------------------------------------------ app factory
+
+
+def create_app(settings: Settings) -> Litestar:
+    """Build the app; the model loads in the lifespan, not at import or here."""
+    state = AppState(settings=settings, metrics=Metrics(settings.db_path if settings.log_conversations else None))
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        watcher: asyncio.Task | None = None
+        try:
+            await asyncio.to_thread(_open, state)
+            assert state.pool is not None
+            await state.pool.reload()
+            if settings.adapter_watch_interval_s > 0:
+                watcher = asyncio.create_task(state.pool.watch(settings.adapter_watch_interval_s))
+            yield
+        finally:
+            state.draining = True
+            if watcher is not None:
+                watcher.cancel()
+                with suppress(asyncio.CancelledError):
+                    await watcher
+            await asyncio.to_thread(_close, state)
+
+    cors = CORSConfig(allow_origins=settings.cors_origins) if settings.cors_origins else None
+    app = Litestar(
+        route_handlers=HANDLERS,
+        lifespan=[lifespan],
+        guards=[auth_guard],
+        exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
+        request_max_body_size=settings.max_body_bytes,
+        cors_config=cors,
+        allowed_hosts=settings.allowed_hosts or None,
+        openapi_config=None,
+        debug=False,
+    )
+    app.state["app"] = state
+    return app
+
+
+def _open(state: AppState) -> None:
+    s = state.settings
+    if not s.model.is_file():
+        raise RuntimeError(f"model file {s.model} not found: run `make model` or set CHAT_MODEL")
+    state.base = BaseModelInfo.load(s.model)
+    engine = Engine(
+        EngineConfig(
+            model_path=s.model, n_ctx=s.n_ctx, parallel=s.parallel, n_threads=s.n_threads, n_batch=s.n_batch,
+            queue_max=s.queue_max, request_timeout_s=s.request_timeout_s,
+        ),
+        observer=state.metrics,
+    )  # fmt: skip
+    engine.start()
+    state.engine = engine
+    state.metrics.bind_queue(lambda: engine.queued)
+    state.pool = AdapterPool(s.adapters_dir, engine, state.base, max_loaded=s.max_loaded_adapters,
+                             observer=state.metrics)
+    routes = RouteTable.load(s.routes_path, s.prompts_dir)
+    if s.log_conversations:
+        state.conversation_log = ConversationLog(s.db_path, replica=s.replica, retention_days=s.retention_days)
+    state.chat = ChatService(s, engine, state.pool, routes, ChatTemplate.from_model(state.base),
+                             state.conversation_log, state.metrics)
+
+
+def _close(state: AppState) -> None:
+    if state.pool is not None and state.engine is not None and state.engine.alive:
+        state.pool.close()
+    if state.engine is not None:
+        state.engine.close()
+    if state.conversation_log is not None:
+        state.conversation_log.close()
