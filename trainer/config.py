@@ -40,6 +40,7 @@ DEFAULT_TARGETS: tuple[str, ...] = (
 )
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
+GATE_MODES = ("relative", "absolute")
 
 
 class ConfigError(ValueError):
@@ -98,6 +99,8 @@ class TrainSettings:
     """Share of conversations (by hash) held out for validation."""
     max_items: int | None = None
     """Cap on training items (the newest are kept); None: no cap."""
+    max_val_items: int | None = 100
+    """Cap on validation items (evaluation time grows with them); None: no cap."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,10 @@ class GateSettings:
     """When a new version is good enough to publish."""
 
     margin: float = 0.0
-    """Required validation-loss improvement over the base model (see trainer.evaluate.gate)."""
+    """Required validation-loss improvement over the base model: with `mode = "relative"` a
+    fraction (0.02: the adapter's loss must be at least 2% lower), with `"absolute"` in nats.
+    0.0: publish when the adapter is no worse than the base (see trainer.evaluate.gate)."""
+    mode: str = "relative"
     min_items: int = 50
     """Fewer training items than this: the run is `skipped`."""
     min_val_items: int = 5
@@ -383,6 +389,12 @@ def validate(cfg: TrainerConfig) -> list[str]:
             problems.append(f"{w}.extract: need 1 <= min_rank <= max_rank, got {e.min_rank}..{e.max_rank}")
         if e.rank is not None and e.rank < 1:
             problems.append(f"{w}.extract.rank must be >= 1, got {e.rank}")
+        if a.gate.mode not in GATE_MODES:
+            problems.append(f"{w}.gate.mode must be one of {', '.join(GATE_MODES)}, got {a.gate.mode!r}")
+        for cap in ("max_items", "max_val_items"):
+            value = getattr(t, cap)
+            if value is not None and value < 1:
+                problems.append(f"{w}.train.{cap} must be >= 1, got {value}")
         if a.keep < 1:
             problems.append(f"{w}.keep must be >= 1, got {a.keep}")
         if a.gate.min_items < 1:

@@ -21,14 +21,17 @@ This module owns turning data into training text and nothing else:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
+import os
 import sqlite3
+import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -485,13 +488,29 @@ def split(items: Sequence[Item], val_fraction: float) -> tuple[list[Item], list[
 # Tokens and the report
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence C-level writes to stderr (fd 2) for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 class VocabTokenizer:
     """Counts tokens with the base model's own vocabulary (llama.cpp, vocab only: fast, no weights)."""
 
     def __init__(self, model_path: Path) -> None:
         from llama_cpp import Llama
 
-        self._llama = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+        with _quiet_stderr():  # llama.cpp prints a context warning even with verbose=False
+            self._llama = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
 
     def __call__(self, text: str) -> int:
         # as trainer.finetune tokenizes: special tokens parsed, nothing added (text is rendered)
@@ -526,6 +545,8 @@ class DatasetReport:
     the part past `n_ctx` lands in the next window and is learnt without the item's start
     (its system prompt and question): a sign `n_ctx` is too small."""
     tokens_past_ctx: int = 0
+    capped: dict[str, int] = field(default_factory=dict)
+    """Usable items left out by `max_items` / `max_val_items` (oldest first)."""
     histogram: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     since: float | None = None
@@ -550,6 +571,8 @@ class DatasetReport:
             lines.append("length histogram (tokens):")
             for label, count in self.histogram.items():
                 lines.append(f"  {label:>11} {count:6d} {'#' * max(1 if count else 0, round(30 * count / width))}")
+        for what, count in self.capped.items():
+            lines.append(f"left out by {what}: {count} (the oldest)")
         total_dropped = sum(self.dropped.values())
         lines.append(f"dropped: {total_dropped}")
         for reason, count in sorted(self.dropped.items(), key=lambda kv: -kv[1]):
@@ -602,6 +625,17 @@ class Dataset:
             for item in items:
                 h.update(hashlib.sha256(item.text.encode()).digest())
         return h.hexdigest()
+
+
+def _newest(items: list[Item], cap: int | None, what: str, capped: dict[str, int]) -> list[Item]:
+    """At most `cap` items, keeping the newest (log items carry timestamps; file items count as
+    older than any log item, in file order)."""
+    if cap is None or len(items) <= cap:
+        return items
+    order = sorted(range(len(items)), key=lambda i: (items[i].created_at or 0.0, i))
+    keep = set(order[-cap:])
+    capped[what] = len(items) - cap
+    return [it for i, it in enumerate(items) if i in keep]
 
 
 def load_template(base_model: Path) -> ChatTemplate:
@@ -659,18 +693,16 @@ def build_dataset(
         unique.append(item)
 
     train, val = split(unique, adapter.train.val_fraction)
-    if adapter.train.max_items is not None and len(train) > adapter.train.max_items:
-        # keep the newest (log items carry timestamps; file items count as oldest, in file order)
-        order = sorted(range(len(train)), key=lambda i: (train[i].created_at or 0.0, i))
-        keep = set(order[-adapter.train.max_items :])
-        dropped["over max_items (oldest dropped)"] += len(train) - len(keep)
-        train = [it for i, it in enumerate(train) if i in keep]
+    capped: dict[str, int] = {}
+    train = _newest(train, adapter.train.max_items, "max_items", capped)
+    val = _newest(val, adapter.train.max_val_items, "max_val_items", capped)
 
     counter = count_tokens if count_tokens is not None else VocabTokenizer(cfg.base_model)
     report = measure(train + val, counter, adapter.train.n_ctx)
     report.train_items, report.val_items = len(train), len(val)
     report.sources = sources
     report.dropped = dict(dropped)
+    report.capped = capped
     report.notes = notes
     report.since, report.until = since, until
     return Dataset(train=train, val=val, report=report)

@@ -385,8 +385,8 @@ def _run_stages(
             "training.hyperparameters": json.dumps(hyper, sort_keys=True),
         },
     )
-    metrics["extract"] = {"rank": extraction.rank, "alpha": extraction.alpha, "energy": extraction.energy}
-    say(f"[{adapter.name}] extracted LoRA rank {extraction.rank} keeping {float(extraction.energy):.1%} of the energy")
+    metrics["extract"] = extraction.report()
+    say(f"[{adapter.name}] extracted LoRA rank {extraction.rank} keeping {extraction.mean_energy:.1%} of the energy")
 
     # 4. evaluate and gate
     _check(stop, "evaluation")
@@ -405,8 +405,8 @@ def _run_stages(
     )
     metrics["eval"] = eval_report.to_dict()
     _write_json(run_dir / "eval.json", metrics["eval"])
-    passed, why = gate(eval_report, margin=gate_cfg.margin)
-    metrics["gate"] = {"passed": passed, "reason": why, "margin": gate_cfg.margin}
+    passed, why = gate(eval_report, margin=gate_cfg.margin, mode=gate_cfg.mode)
+    metrics["gate"] = {"passed": passed, "reason": why, "margin": gate_cfg.margin, "mode": gate_cfg.mode}
     say(f"[{adapter.name}] gate {'passed' if passed else 'refused'}: {why}")
 
     if options.output is not None:
