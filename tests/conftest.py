@@ -1,0 +1,236 @@
+"""Shared fixtures: the real default model, real LoRA adapters made here, and real servers.
+
+`ServerProcess` runs `python -m server` in a subprocess on a free loopback port, exactly as a user
+would, and the tests talk to it with httpx and the official `openai` client.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scripts.fetch_model import fetch  # noqa: E402
+from server import registry  # noqa: E402
+from server.gguf_info import BaseModelInfo  # noqa: E402
+
+LORA_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return fetch()
+
+
+@pytest.fixture(scope="session")
+def base_info(model_path: Path) -> BaseModelInfo:
+    return BaseModelInfo.load(model_path)
+
+
+def make_lora_file(
+    path: Path, base: BaseModelInfo, *, seed: int, rank: int = 8, strength: float = 0.06,
+    targets: tuple[str, ...] = LORA_TARGETS,
+) -> Path:
+    """A real llama.cpp LoRA GGUF with random low-rank A/B, strong enough to change greedy output."""
+    rng = np.random.default_rng(seed)
+    pairs = {}
+    for name, shape in base.tensor_shapes.items():
+        if not name.startswith("blk.") or name.split(".")[2] not in targets or len(shape) != 2:
+            continue
+        n_out, n_in = shape
+        a = rng.normal(0, strength, (rank, n_in)).astype(np.float32)
+        b = rng.normal(0, strength, (n_out, rank)).astype(np.float32)
+        pairs[name] = (a, b)
+    registry.write_lora_gguf(path, architecture=base.architecture, pairs=pairs, alpha=float(rank),
+                             metadata={"training.note": f"random test adapter seed={seed}"})
+    return path
+
+
+def publish_lora(adapters_dir: Path, name: str, base: BaseModelInfo, *, seed: int, tmp: Path, **kw: Any) -> int:
+    """Publish a random adapter as the next version of `name` through the shared registry code."""
+    src = make_lora_file(tmp / f"{name}-{seed}.gguf", base, seed=seed, **kw)
+    manifest = registry.publish_version(
+        adapters_dir, name, src, base_model_sha256=base.sha256, base_model_name=base.name,
+        architecture=base.architecture, rank=kw.get("rank", 8), alpha=float(kw.get("rank", 8)),
+        metrics={"note": "test"},
+    )
+    return manifest.version
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m server` on 127.0.0.1 with settings passed as CHAT_* environment variables."""
+
+    def __init__(self, workdir: Path, model: Path, **settings: Any) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.adapters_dir = Path(settings.pop("adapters_dir", workdir / "adapters"))
+        self.prompts_dir = Path(settings.pop("prompts_dir", workdir / "prompts"))
+        self.db_path = Path(settings.pop("db_path", workdir / "log.sqlite3"))
+        self.adapters_dir.mkdir(parents=True, exist_ok=True)
+        self.prompts_dir.mkdir(parents=True, exist_ok=True)
+        defaults = {"n_ctx": 1024, "parallel": 4, "n_threads": 2, "adapter_watch_interval_s": 0.3}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+        for key, value in {**defaults, **settings}.items():
+            env[f"CHAT_{key.upper()}"] = ",".join(value) if isinstance(value, (list, tuple)) else str(value)
+        env.update({
+            "CHAT_MODEL": str(model), "CHAT_ADAPTERS_DIR": str(self.adapters_dir),
+            "CHAT_PROMPTS_DIR": str(self.prompts_dir), "CHAT_DB_PATH": str(self.db_path),
+        })  # fmt: skip
+        self.log_path = workdir / "server.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--port", str(self.port), "--log-level", "info"],
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        self.api_key = (settings.get("api_keys") or [None])[0] if isinstance(settings.get("api_keys"), list) else None
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def client(self, api_key: str | None = None, **kw: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key or self.api_key or "none", max_retries=0,
+                             timeout=kw.pop("timeout", 120), **kw)
+
+    def async_client(self, api_key: str | None = None) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=api_key or self.api_key or "none",
+                                  max_retries=0, timeout=120)
+
+    def http(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 120), **kw)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of a metric whose labels include `labels`."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10,
+                         headers={"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}).text
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name) or line.startswith("#"):
+                continue
+            head, _, value = line.rpartition(" ")
+            metric_name, _, label_text = head.partition("{")
+            if metric_name != name:
+                continue
+            if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def write_routes(prompts_dir: Path, routes_toml: str, templates: dict[str, str]) -> None:
+    for name, text in templates.items():
+        (prompts_dir / name).write_text(text)
+    (prompts_dir / "routes.toml").write_text(routes_toml)
+
+
+SHARED_ROUTES = """
+[routes.pirate]
+prompt = "pirate.j2"
+variables = { ship = "Black Pearl" }
+[routes.pirate.params]
+temperature = 0.0
+
+[routes.styled]
+adapters = [{ name = "style-a", scale = 1.0 }]
+[routes.styled.params]
+temperature = 0.0
+
+[routes.ab]
+prompt = "pirate.j2"
+variables = { ship = "Black Pearl" }
+adapters = [{ name = "style-a" }]
+split = 50
+
+[routes.fallback]
+prompt = "pirate.j2"
+variables = { ship = "Black Pearl" }
+adapters = [{ name = "missing-adapter" }]
+
+[routes.quiet]
+prompt = "pirate.j2"
+variables = { ship = "Black Pearl" }
+log = false
+"""
+PIRATE = "You are a pirate captain of the {{ ship }}. Always answer like a pirate, starting with 'Arr!'."
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, model_path: Path, base_info: BaseModelInfo) -> Iterator[ServerProcess]:
+    """One server shared by read-only tests: adapters style-a (v1) and style-b (v1), five routes."""
+    work = tmp_path_factory.mktemp("shared-server")
+    adapters = work / "adapters"
+    adapters.mkdir()
+    publish_lora(adapters, "style-a", base_info, seed=1, tmp=work)
+    publish_lora(adapters, "style-b", base_info, seed=2, tmp=work)
+    (work / "prompts").mkdir()
+    write_routes(work / "prompts", SHARED_ROUTES, {"pirate.j2": PIRATE})
+    proc = ServerProcess(work, model_path, adapters_dir=adapters)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def fresh_server(tmp_path: Path, model_path: Path) -> Iterator[Any]:
+    """Factory for a server with its own directories and settings; stopped after the test."""
+    started: list[ServerProcess] = []
+
+    def start(**settings: Any) -> ServerProcess:
+        work = tmp_path / f"srv{len(started)}"
+        work.mkdir()
+        proc = ServerProcess(work, model_path, **settings)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def chat_body(content: str = "Say hello.", model: str = "base", **kw: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0,
+            "max_tokens": kw.pop("max_tokens", 24), **kw}
