@@ -6,7 +6,6 @@ Responses are built by small functions returning plain dicts, which is what goes
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Literal
 
@@ -135,17 +134,38 @@ class FeedbackRequest(BaseModel):
     comment: str | None = Field(None, max_length=10_000)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal", "tagged-union"}
+
+
+def _field_path(loc: tuple) -> str:
+    """pydantic's error location without the union-branch tags it inserts ('str', 'list[TextPart]')."""
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif p in _TYPE_TAGS or "[" in p or "(" in p or p.startswith(("function-", "literal")) or p[:1].isupper():
+            continue
+        else:
+            parts.append(("." if parts else "") + p)
+    return "".join(parts)
+
+
 def describe_validation_error(err: Any) -> tuple[str, str | None]:
     """pydantic ValidationError -> (message naming the field, param)."""
     errors = err.errors(include_url=False, include_context=False)
     first = errors[0]
-    loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in first["loc"]).replace(".[", "[")
-    msg = first["msg"]
+    loc = _field_path(first["loc"])
+    same_field = [e for e in errors if _field_path(e["loc"]) == loc]
     if first.get("type") == "missing":
         msg = "field required"
+    elif len(same_field) > 1:
+        msg = "invalid value: " + "; or ".join(e["msg"] for e in same_field)
+    else:
+        msg = first["msg"]
     text = f"{loc}: {msg}" if loc else msg
-    if len(errors) > 1:
-        text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    others = len(errors) - len(same_field)
+    if others > 0:
+        text += f" (and {others} more problem{'s' if others > 1 else ''})"
     return text, loc or None
 
 
@@ -211,6 +231,3 @@ def model_card(id_: str, owned_by: str, parent: str | None = None, **extra: Any)
     card.update(extra)
     return card
 
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)
