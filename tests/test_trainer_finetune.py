@@ -23,6 +23,9 @@ from trainer.finetune import (
 from trainer.llama_opt import InferenceSession
 
 pytestmark = pytest.mark.timeout(120)
+# One thread: the tiny model gains nothing from two, and llama.cpp's OpenMP workers spin-wait,
+# which makes two-thread runs very slow whenever other processes share the two cores.
+THREADS = 1
 EVENT_KEYS = {"step", "total_steps", "loss", "tokens_per_s", "eta_s", "lr", "epoch"}
 
 
@@ -33,7 +36,7 @@ def tiny_q8(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_loss_goes_down_and_progress_is_reported(tiny_q8: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(base_model=tiny_q8, cache_dir=tmp_path / "cache", epochs=4, lr=2e-2)
+    cfg = TrainConfig(base_model=tiny_q8, cache_dir=tmp_path / "cache", epochs=4, lr=2e-2, threads=THREADS)
     events: list[dict] = []
     console = io.StringIO()
     with JsonlWriter(tmp_path / "progress.jsonl") as jsonl:
@@ -60,7 +63,7 @@ def test_loss_goes_down_and_progress_is_reported(tiny_q8: Path, tmp_path: Path) 
     windows = None
     losses = {}
     for name, path in (("base", result.base_f32), ("trained", result.trained)):
-        with InferenceSession(path) as s:
+        with InferenceSession(path, threads=THREADS) as s:
             windows = windows or make_windows([s.tokenize(t) for t in pirate_texts(range(10))], 256)
             losses[name] = float(s.window_nll(windows[0]).mean())
     assert losses["trained"] < losses["base"] - 1.0, losses
@@ -75,7 +78,7 @@ def test_stop_ends_training_at_the_next_step(tiny_q8: Path, tmp_path: Path) -> N
         if event["step"] == 2:
             stop.set()
 
-    cfg = TrainConfig(base_model=tiny_q8, cache_dir=tmp_path / "cache", epochs=5, lr=2e-2)
+    cfg = TrainConfig(base_model=tiny_q8, cache_dir=tmp_path / "cache", epochs=5, lr=2e-2, threads=THREADS)
     out = tmp_path / "trained.gguf"
     with pytest.raises(TrainingInterrupted) as info:
         train(cfg, pirate_texts(range(12)), callbacks=[press_ctrl_c_after_two], stop=stop, out_path=out)

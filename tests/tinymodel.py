@@ -8,7 +8,9 @@ one recognisable style (a pirate voice), rendered in ChatML like the default mod
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -17,10 +19,23 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TOKENIZER_SOURCE = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@lru_cache(maxsize=4)
+def _tokenizer_fields(source: Path) -> dict[str, tuple[Any, gguf.GGUFValueType, gguf.GGUFValueType | None]]:
+    """``tokenizer.*`` metadata of ``source`` as (value, type, array sub-type), read once per process."""
+    out = {}
+    for f in gguf.GGUFReader(source).fields.values():
+        if f.name.startswith("tokenizer."):
+            vtype = f.types[0]
+            sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            out[f.name] = (f.contents(), vtype, sub)
+    return out
+
+
 def make_tiny_llama(
     path: Path,
     *,
     tokenizer_source: Path = DEFAULT_TOKENIZER_SOURCE,
+    n_vocab: int | None = 2048,
     n_embd: int = 64,
     n_layer: int = 2,
     n_head: int = 4,
@@ -32,12 +47,27 @@ def make_tiny_llama(
 ) -> Path:
     """Write a random-weight llama GGUF to ``path`` and return it.
 
-    The vocabulary size is the tokenizer source's. With ``quantize`` the block matrices are
-    stored as Q8_0 (like a served quantized base); otherwise everything is F32.
+    ``n_vocab`` keeps the first ``n_vocab`` tokens of the source vocabulary (its special tokens
+    and byte-level alphabet come first) and only the BPE merges whose parts and result are kept,
+    so llama.cpp still tokenizes any text, with shorter tokens; ``None`` keeps the whole
+    vocabulary. With ``quantize`` the block matrices are stored as Q8_0 (like a served
+    quantized base); otherwise everything is F32.
     """
-    src = gguf.GGUFReader(tokenizer_source)
-    tokens_field = src.fields["tokenizer.ggml.tokens"]
-    n_vocab = len(tokens_field.data)
+    fields = _tokenizer_fields(Path(tokenizer_source))
+    all_tokens: list[str] = fields["tokenizer.ggml.tokens"][0]
+    n_vocab = len(all_tokens) if n_vocab is None else min(n_vocab, len(all_tokens))
+    kept = set(all_tokens[:n_vocab])
+    overrides: dict[str, list] = {
+        "tokenizer.ggml.tokens": all_tokens[:n_vocab],
+        "tokenizer.ggml.token_type": fields["tokenizer.ggml.token_type"][0][:n_vocab],
+    }
+    if "tokenizer.ggml.merges" in fields:
+        merges = []
+        for m in fields["tokenizer.ggml.merges"][0]:
+            left, _, right = m.partition(" ")
+            if left in kept and right in kept and left + right in kept:
+                merges.append(m)
+        overrides["tokenizer.ggml.merges"] = merges
     head_dim = n_embd // n_head
     rng = np.random.default_rng(seed)
 
@@ -55,11 +85,11 @@ def make_tiny_llama(
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(n_vocab)
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q8_0 if quantize else gguf.LlamaFileType.ALL_F32))
-    for f in src.fields.values():
-        if f.name.startswith("tokenizer."):
-            vtype = f.types[0]
-            sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+    for name, (value, vtype, sub) in fields.items():
+        value = overrides.get(name, value)
+        if name.endswith("_token_id") and int(value) >= n_vocab:
+            continue
+        w.add_key_value(name, value, vtype, sub_type=sub)
 
     def mat(n_out: int, n_in: int) -> np.ndarray:
         return (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)

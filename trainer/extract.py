@@ -99,12 +99,92 @@ def energy_kept(s: np.ndarray, rank: int) -> float:
 
 
 def choose_rank(spectra: Mapping[str, np.ndarray], *, fidelity: float, min_rank: int, max_rank: int) -> int:
-    """Smallest rank whose mean energy over ``spectra`` reaches ``fidelity``, clamped."""
-    cap = min([max_rank, *(len(s) for s in spectra.values())])
+    """Smallest rank whose mean energy over ``spectra`` reaches ``fidelity``, clamped to
+    ``[min_rank, max_rank]`` and to the largest rank any matrix has."""
+    cap = min(max_rank, max(len(s) for s in spectra.values()))
     for r in range(1, cap + 1):
         if np.mean([energy_kept(s, r) for s in spectra.values()]) >= fidelity:
-            return max(min(r, cap), min(min_rank, cap))
+            return max(r, min(min_rank, cap))
     return cap
+
+
+class DeltaSpectra:
+    """Owns the SVD of ``W_trained - W_base`` for every target matrix of one training run, so
+    several ranks can be tried without re-reading the models."""
+
+    def __init__(self, svds: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], skipped: list[str]) -> None:
+        if not svds:
+            raise ValueError("training changed none of the target matrices; nothing to extract")
+        self.svds = svds
+        self.skipped = skipped
+
+    @classmethod
+    def load(cls, base_f32: Path, trained: Path, *, targets: Sequence[str] = DEFAULT_TARGETS) -> DeltaSpectra:
+        """Read both FP32 GGUFs and factorise every target delta (exactly-zero deltas are skipped)."""
+        base_t, trained_t = _tensors(base_f32), _tensors(trained)
+        names = sorted(n for n in base_t if is_target(n, targets))
+        if not names:
+            raise ValueError(f"{base_f32} has no tensors matching targets {tuple(targets)}")
+        missing = [n for n in names if n not in trained_t]
+        if missing:
+            raise ValueError(f"{trained} lacks {len(missing)} target tensors, e.g. {missing[0]}")
+        svds: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        skipped: list[str] = []
+        for name in names:
+            w0, w1 = _as_f32_matrix(base_t[name]), _as_f32_matrix(trained_t[name])
+            if w0.shape != w1.shape:
+                raise ValueError(f"{name}: base shape {w0.shape} != trained shape {w1.shape}")
+            delta = w1 - w0
+            if not np.any(delta):
+                skipped.append(name)
+                continue
+            if not np.all(np.isfinite(delta)):
+                raise ValueError(f"{name}: trained weights hold NaN/Inf")
+            svds[name] = np.linalg.svd(delta, full_matrices=False)
+        return cls(svds, skipped)
+
+    @property
+    def spectra(self) -> dict[str, np.ndarray]:
+        return {n: s for n, (_, s, _) in self.svds.items()}
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank any delta has (min(n_out, n_in) of the widest matrix)."""
+        return max(len(s) for _, s, _ in self.svds.values())
+
+    def extract(
+        self, *, fidelity: float = 0.9, max_rank: int = 64, min_rank: int = 4, rank: int | None = None
+    ) -> Extraction:
+        """LoRA factors at a fixed ``rank`` or at the rank chosen from ``fidelity``. Matrices
+        smaller than the rank get zero-padded factors (same product, one rank for the file)."""
+        if not 0 < fidelity <= 1:
+            raise ValueError(f"fidelity must be in (0, 1], got {fidelity}")
+        if not 1 <= min_rank <= max_rank:
+            raise ValueError(f"need 1 <= min_rank <= max_rank, got {min_rank}, {max_rank}")
+        spectra = self.spectra
+        if rank is not None:
+            if not 1 <= rank <= self.max_rank:
+                raise ValueError(f"rank must be in [1, {self.max_rank}], got {rank}")
+            r = rank
+        else:
+            r = choose_rank(spectra, fidelity=fidelity, min_rank=min_rank, max_rank=max_rank)
+        cap = min(max(max_rank, r), self.max_rank)
+        curve = [float(np.mean([energy_kept(s, k) for s in spectra.values()])) for k in range(1, cap + 1)]
+
+        pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        energy = EnergyReport()
+        for name, (u, s, vt) in self.svds.items():
+            k = min(r, len(s))
+            root = np.sqrt(s[:k])
+            a = np.zeros((r, vt.shape[1]), dtype=np.float32)
+            b = np.zeros((u.shape[0], r), dtype=np.float32)
+            a[:k] = root[:, None] * vt[:k, :]
+            b[:, :k] = u[:, :k] * root[None, :]
+            pairs[name] = (a, b)
+            energy[name] = energy_kept(s, r)
+        return Extraction(
+            pairs=pairs, rank=r, alpha=float(r), energy=energy, curve=curve, fidelity=fidelity, skipped=list(self.skipped)
+        )
 
 
 def extract_lora(
@@ -117,7 +197,7 @@ def extract_lora(
     min_rank: int = 4,
     rank: int | None = None,
 ) -> Extraction:
-    """Factorise ``trained - base_f32`` for every target matrix into one-rank LoRA pairs.
+    """Factorise ``trained - base_f32`` for every target matrix into LoRA pairs of one rank.
 
     ``rank`` fixes the rank; otherwise it is chosen from ``fidelity`` (see module docstring).
     Target matrices whose delta is exactly zero are left out of the adapter (``skipped``).
@@ -126,51 +206,8 @@ def extract_lora(
         raise ValueError(f"fidelity must be in (0, 1], got {fidelity}")
     if not 1 <= min_rank <= max_rank:
         raise ValueError(f"need 1 <= min_rank <= max_rank, got {min_rank}, {max_rank}")
-    base_t, trained_t = _tensors(base_f32), _tensors(trained)
-    names = sorted(n for n in base_t if is_target(n, targets))
-    if not names:
-        raise ValueError(f"{base_f32} has no tensors matching targets {tuple(targets)}")
-    missing = [n for n in names if n not in trained_t]
-    if missing:
-        raise ValueError(f"{trained} lacks {len(missing)} target tensors, e.g. {missing[0]}")
-
-    svds: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    skipped: list[str] = []
-    for name in names:
-        w0, w1 = _as_f32_matrix(base_t[name]), _as_f32_matrix(trained_t[name])
-        if w0.shape != w1.shape:
-            raise ValueError(f"{name}: base shape {w0.shape} != trained shape {w1.shape}")
-        delta = w1 - w0
-        if not np.any(delta):
-            skipped.append(name)
-            continue
-        if not np.all(np.isfinite(delta)):
-            raise ValueError(f"{name}: trained weights hold NaN/Inf")
-        svds[name] = np.linalg.svd(delta, full_matrices=False)
-    if not svds:
-        raise ValueError("training changed none of the target matrices; nothing to extract")
-
-    spectra = {n: s for n, (_, s, _) in svds.items()}
-    cap = min([max_rank, *(len(s) for s in spectra.values())])
-    if rank is not None:
-        if not 1 <= rank <= cap:
-            raise ValueError(f"rank must be in [1, {cap}], got {rank}")
-        r = rank
-    else:
-        r = choose_rank(spectra, fidelity=fidelity, min_rank=min_rank, max_rank=max_rank)
-    curve = [float(np.mean([energy_kept(s, k) for s in spectra.values()])) for k in range(1, cap + 1)]
-
-    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    energy = EnergyReport()
-    for name, (u, s, vt) in svds.items():
-        root = np.sqrt(s[:r])
-        b = (u[:, :r] * root[None, :]).astype(np.float32)
-        a = (root[:, None] * vt[:r, :]).astype(np.float32)
-        pairs[name] = (np.ascontiguousarray(a), np.ascontiguousarray(b))
-        energy[name] = energy_kept(s, r)
-    return Extraction(
-        pairs=pairs, rank=r, alpha=float(r), energy=energy, curve=curve, fidelity=fidelity, skipped=skipped
-    )
+    spectra = DeltaSpectra.load(base_f32, trained, targets=targets)
+    return spectra.extract(fidelity=fidelity, max_rank=max_rank, min_rank=min_rank, rank=rank)
 
 
 def save_lora(
@@ -189,4 +226,4 @@ def save_lora(
     return path
 
 
-__all__ = ["EnergyReport", "Extraction", "choose_rank", "energy_kept", "extract_lora", "is_target", "save_lora"]
+__all__ = ["DeltaSpectra", "EnergyReport", "Extraction", "choose_rank", "energy_kept", "extract_lora", "is_target", "save_lora"]
