@@ -21,6 +21,8 @@ Facts about llama-cpp-python 0.3.36 (and the llama.cpp it vendors) that this mod
   are made trainable, see ``llama_set_param`` in ``src/llama-context.cpp``);
 - ``n_ubatch`` must equal ``n_ctx`` or the K and V projections get no gradient, and llama.cpp
   pads ``n_ctx`` to a multiple of 256, so training windows are multiples of 256 tokens;
+- one ``llama_opt_epoch`` call per window (a one-datapoint dataset): Python regains control
+  after every step for callbacks, learning-rate changes and a cooperative stop;
 - ``llama_opt_epoch`` does not set the CPU backend's thread count (``llama_decode`` does), so
   a one-token warm-up decode runs first, as ``llama-finetune``'s common init does.
 """
@@ -118,7 +120,6 @@ class _Ggml:
         self.nbytes = sym("ggml_nbytes", ctypes.c_size_t, [vp])
         # Passed to llama.cpp as a function pointer, never called from Python.
         self.constant_optimizer_params = self._address(libs, "ggml_opt_get_constant_optimizer_params")
-        self.progress_bar = self._address(libs, "ggml_opt_epoch_callback_progress_bar")
 
     @staticmethod
     def _address(libs: list[ctypes.CDLL], name: str) -> int:
@@ -359,7 +360,10 @@ class TrainSession:
         return float(loss.value)
 
     def save(self, path: Path) -> Path:
-        """Write the model with its current (trained) weights as a GGUF (llama_model_save_to_file)."""
+        """Write the model with its current (trained) weights as a GGUF (llama_model_save_to_file).
+
+        llama_opt_init sets the model's ``n_ctx_train`` to the training window, so the file's
+        ``<arch>.context_length`` is ``n_ctx``: it is meant for extraction and evaluation."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         llc.llama_model_save_to_file(self._h.model, str(path).encode())
