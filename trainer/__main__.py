@@ -26,15 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from trainer.config import (
-    OPTIMIZERS,
-    AdapterConfig,
-    ConfigError,
-    TrainerConfig,
-    load_config,
-    validate,
-    with_overrides,
-)
+from trainer.config import OPTIMIZERS, AdapterConfig, ConfigError, TrainerConfig, load_config, with_overrides
 from trainer.nightly import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -89,7 +81,7 @@ def _common(p: argparse.ArgumentParser, *, overrides: bool = True) -> None:
     g = p.add_argument_group("paths (override the config file)")
     g.add_argument("--base-model", type=Path, help="base GGUF model")
     g.add_argument("--db", action="append", dest="logs", metavar="PATH_OR_GLOB",
-                   help="conversation log SQLite file or glob (repeatable)")  # fmt: skip
+                   help="conversation log SQLite file or glob (repeatable; replaces the config's list)")  # fmt: skip
     g.add_argument("--runs-db", type=Path, help="database that receives trainer_runs rows")
     g.add_argument("--adapters-dir", type=Path)
     g.add_argument("--cache-dir", type=Path)
@@ -109,7 +101,7 @@ def _common(p: argparse.ArgumentParser, *, overrides: bool = True) -> None:
     s.add_argument("--until", type=parse_time)
     s.add_argument("--window-days", type=float)
     s.add_argument("--min-rating", type=int, choices=(-1, 0, 1))
-    s.add_argument("--jsonl", action="append", type=Path, metavar="FILE", help="extra JSONL file (repeatable)")
+    s.add_argument("--jsonl", action="append", type=Path, metavar="FILE", help="JSONL file (repeatable; replaces the config's list)")
     s.add_argument("--no-logs", action="store_true", help="ignore the conversation log")
     s.add_argument("--no-system-prompt", action="store_true",
                    help="train without the logged system prompt (distil a prompt path)")  # fmt: skip
@@ -227,7 +219,7 @@ def resolve_config(args: argparse.Namespace, *, need_one: bool = False) -> tuple
                 if values:
                     a = dataclasses.replace(a, **{section: dataclasses.replace(getattr(a, section), **values)})
             if args.jsonl:
-                a = dataclasses.replace(a, source=dataclasses.replace(a.source, jsonl=(*a.source.jsonl, *args.jsonl)))
+                a = dataclasses.replace(a, source=dataclasses.replace(a.source, jsonl=tuple(args.jsonl)))
             if args.keep is not None:
                 a = dataclasses.replace(a, keep=args.keep)
         adapters.append(a)
