@@ -113,7 +113,8 @@ def _common(p: argparse.ArgumentParser, *, overrides: bool = True) -> None:
     h.add_argument("--optimizer", choices=OPTIMIZERS)
     h.add_argument("--seed", type=int)
     h.add_argument("--val-fraction", type=float)
-    h.add_argument("--max-items", type=int)
+    h.add_argument("--max-items", type=int, help="newest training items kept")
+    h.add_argument("--max-val-items", type=int, help="newest validation items kept")
     h.add_argument("--rank", type=int, help="fixed LoRA rank (default: chosen by --fidelity)")
     h.add_argument("--fidelity", type=float)
     h.add_argument("--max-rank", type=int)
@@ -207,7 +208,8 @@ def resolve_config(args: argparse.Namespace, *, need_one: bool = False) -> tuple
     sections = {
         "source": source,
         "train": {"n_ctx": args.n_ctx, "epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer,
-                  "seed": args.seed, "val_fraction": args.val_fraction, "max_items": args.max_items},
+                  "seed": args.seed, "val_fraction": args.val_fraction, "max_items": args.max_items,
+                  "max_val_items": args.max_val_items},
         "extract": {"rank": args.rank, "fidelity": args.fidelity, "max_rank": args.max_rank},
         "gate": {"margin": args.margin, "min_items": args.min_items},
     }  # fmt: skip
