@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -20,8 +21,8 @@ from server import registry
 from server.gguf_info import BaseModelInfo
 from server.store import connect
 from tests.tinymodel import make_tiny_llama
-from trainer.config import TrainerConfig, load_config
-from trainer.nightly import EXIT_INTERRUPTED, Outcome, _stop_after, exit_code, run_lock, run_nightly
+from trainer.config import load_config
+from trainer.nightly import EXIT_INTERRUPTED, Outcome, exit_code, run_lock, run_nightly, stop_after_steps
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -150,11 +151,11 @@ def test_gate_refusal_keeps_the_current_version(world: Path, published: Outcome)
 def test_interrupted_run_publishes_nothing(world: Path, published: Outcome) -> None:
     _seed_strict(world, published)
     cfg = load_config(world / "trainer.toml")
-    cfg = TrainerConfig(**{**cfg.__dict__, "adapters": tuple(
-        a if a.name != "strict" else a.__class__(**{**a.__dict__, "gate": a.gate.__class__(min_items=3, min_val_items=1)})
-        for a in cfg.adapters)})  # fmt: skip  (a gate that would pass)
+    strict = cfg.adapter("strict")
+    passing = dataclasses.replace(strict, gate=dataclasses.replace(strict.gate, margin=0.0))  # would publish
+    cfg = dataclasses.replace(cfg, adapters=(passing,))
     stop = threading.Event()
-    [out] = run_nightly(cfg, only=["strict"], stop=stop, callbacks=[_stop_after(stop, 1)], say=lambda m: None)
+    [out] = run_nightly(cfg, only=["strict"], stop=stop, callbacks=[stop_after_steps(stop, 1)], say=lambda m: None)
     assert out.status == "interrupted" and "nothing published" in (out.reason or "")
     assert exit_code([out]) == EXIT_INTERRUPTED
     assert registry.current_version(world / "adapters", "strict") == 1

@@ -151,11 +151,19 @@ def open_runs_db(cfg: TrainerConfig) -> sqlite3.Connection:
     return connect(runs_db(cfg))
 
 
-def mark_stale_runs(conn: sqlite3.Connection) -> int:
-    """Rows still `running` while we hold the lock were left by a killed process."""
+def mark_stale_runs(conn: sqlite3.Connection, adapters: Sequence[str]) -> int:
+    """Rows of our adapters still `running` while we hold the lock were left by a killed process."""
     from server.store import finish_trainer_run
 
-    stale = [r[0] for r in conn.execute("SELECT id FROM trainer_runs WHERE status = 'running'")]
+    if not adapters:
+        return 0
+    marks = ", ".join("?" * len(adapters))
+    stale = [
+        r[0]
+        for r in conn.execute(
+            f"SELECT id FROM trainer_runs WHERE status = 'running' AND adapter IN ({marks})", list(adapters)
+        )
+    ]
     for run_id in stale:
         finish_trainer_run(
             conn, run_id, status="interrupted", reason="left running by a trainer process that died (killed or crashed)"
@@ -210,7 +218,7 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _stop_after(stop: threading.Event, steps: int) -> Progress:
+def stop_after_steps(stop: threading.Event, steps: int) -> Progress:
     """A progress callback that requests a stop after `steps` training steps (tests, demos)."""
 
     def cb(event: dict[str, Any]) -> None:
@@ -527,7 +535,7 @@ def run_nightly(
     with run_lock(cfg.lock_path):
         conn = open_runs_db(cfg)
         try:
-            stale = mark_stale_runs(conn)
+            stale = mark_stale_runs(conn, [a.name for a in cfg.adapters])
             if stale:
                 say(f"marked {stale} run(s) left 'running' by a dead trainer process as interrupted")
             for adapter in adapters:
