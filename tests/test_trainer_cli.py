@@ -198,3 +198,19 @@ def test_runs_lists_recent_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "rejected" in lines[2] and "adapter val loss 2.0 > 1.9" in lines[2]
     assert main(["runs", "--db", str(db), "--json"]) == 0
     assert [r["status"] for r in json.loads(capsys.readouterr().out)] == ["published", "rejected"]
+
+
+def test_compare_scores_both_paths_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    compare = load_example("compare")
+    assert compare.questions(3, 2027) == compare.questions(3, 2027)
+    model = make_tiny_llama(tmp_path / "tiny.gguf")
+    base = BaseModelInfo.load(model)
+    _publish(tmp_path / "adapters", base, tmp_path, 1)
+    out = tmp_path / "answers.json"
+    rc = compare.main(["--offline", "--model", str(model), "--adapter", str(tmp_path / "adapters" / "house" / "v1.gguf"),
+                       "--n", "2", "--max-tokens", "4", "--json", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "cto-prompt: house style 0%" in printed and "cto-finetuned: house style 0%" in printed
+    answers = json.loads(out.read_text())["answers"]
+    assert len(answers["cto-prompt"]) == len(answers["cto-finetuned"]) == 2
