@@ -1,0 +1,138 @@
+"""Every exchange lands in the SQLite conversation log; metrics move; feedback is recorded."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+
+import httpx
+
+from tests.conftest import ServerProcess, chat_body
+
+
+def wait_row(db, sql: str, args: tuple, *, until=lambda row: row is not None, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    row = None
+    while time.monotonic() < deadline:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        conn.row_factory = sqlite3.Row
+        try:
+            row = conn.execute(sql, args).fetchone()
+        finally:
+            conn.close()
+        if until(row):
+            return row
+        time.sleep(0.05)
+    return row
+
+
+def test_exchange_row_has_route_adapter_version_and_tokens(server: ServerProcess) -> None:
+    conv = secrets.token_hex(4)
+    with server.http() as http:
+        r = http.post("/v1/chat/completions", json=chat_body(model="styled", user="bob"),
+                      headers={"X-Conversation-Id": conv})
+    body = r.json()
+    row = wait_row(server.db_path, "SELECT * FROM exchanges WHERE id = ?", (body["id"],),
+                   until=lambda row: row is not None and row["status"] == "completed")
+    assert row["route"] == "styled" and row["path_kind"] == "finetuned"
+    assert row["adapter_name"] == "style-a" and row["adapter_version"] == 1
+    assert json.loads(row["adapters"]) == [{"name": "style-a", "version": 1, "scale": 1.0}]
+    assert row["response"] == body["choices"][0]["message"]["content"]
+    assert row["finish_reason"] == body["choices"][0]["finish_reason"]
+    assert row["prompt_tokens"] == body["usage"]["prompt_tokens"]
+    assert row["completion_tokens"] == body["usage"]["completion_tokens"]
+    assert json.loads(row["messages"]) == [{"role": "user", "content": "Say hello."}]
+    assert row["user"] == "bob" and row["conversation_id"] == conv
+    assert row["duration_ms"] > 0 and row["ttft_ms"] > 0
+    assert json.loads(row["params"])["temperature"] == 0
+
+
+def test_prompt_route_row_records_the_system_prompt(server: ServerProcess) -> None:
+    with server.http() as http:
+        rid = http.post("/v1/chat/completions", json=chat_body(model="pirate")).json()["id"]
+    row = wait_row(server.db_path, "SELECT * FROM exchanges WHERE id = ?", (rid,),
+                   until=lambda row: row is not None and row["status"] == "completed")
+    assert row["path_kind"] == "prompt" and row["adapter_name"] is None
+    assert "Black Pearl" in row["system_prompt"]
+
+
+def test_route_with_logging_off_writes_no_row(server: ServerProcess) -> None:
+    with server.http() as http:
+        rid = http.post("/v1/chat/completions", json=chat_body(model="quiet", max_tokens=2)).json()["id"]
+        marker = http.post("/v1/chat/completions", json=chat_body(max_tokens=2)).json()["id"]
+    assert wait_row(server.db_path, "SELECT 1 FROM exchanges WHERE id = ?", (marker,)) is not None
+    assert wait_row(server.db_path, "SELECT 1 FROM exchanges WHERE id = ?", (rid,), timeout=0.5) is None
+
+
+def test_feedback_is_stored_and_counted_by_route_and_path(server: ServerProcess) -> None:
+    with server.http() as http:
+        rid = http.post("/v1/chat/completions", json=chat_body(model="styled", max_tokens=4)).json()["id"]
+        before = server.metric("chat_feedback_total", route="styled", path="finetuned", rating="up")
+        r = http.post("/v1/feedback", json={"response_id": rid, "rating": 1, "corrected": "Better answer."})
+        assert r.status_code == 200, r.text
+        assert server.metric("chat_feedback_total", route="styled", path="finetuned", rating="up") == before + 1
+        missing = http.post("/v1/feedback", json={"response_id": "chatcmpl-nope", "rating": 1})
+        assert missing.status_code == 404
+        bad = http.post("/v1/feedback", json={"response_id": rid, "rating": 5})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "rating"
+    row = wait_row(server.db_path, "SELECT * FROM feedback WHERE response_id = ?", (rid,))
+    assert row["rating"] == 1 and row["corrected"] == "Better answer."
+
+
+def test_client_disconnect_mid_stream_stops_generation_and_is_logged(server: ServerProcess) -> None:
+    body = chat_body("Write a very long essay about the history of ships.", max_tokens=900, stream=True)
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            rid = r.headers["x-request-id"]
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 6:
+                    break  # leave after a few chunks
+    row = wait_row(server.db_path, "SELECT * FROM exchanges WHERE id = ?", (rid,),
+                   until=lambda row: row is not None and row["status"] != "in_progress", timeout=20)
+    assert row["status"] == "client_disconnected"
+    assert row["completion_tokens"] < 900
+
+
+def test_client_disconnect_during_non_streaming_request_stops_generation(server: ServerProcess) -> None:
+    body = chat_body("Write a very long essay about the history of ships.", max_tokens=900, user="leaver")
+    with httpx.Client(base_url=server.url, timeout=1.0) as http:
+        try:
+            http.post("/v1/chat/completions", json=body)
+        except httpx.ReadTimeout:
+            pass
+    row = wait_row(server.db_path, "SELECT * FROM exchanges WHERE user = 'leaver' ORDER BY created_at DESC", (),
+                   until=lambda row: row is not None and row["status"] != "in_progress", timeout=30)
+    assert row["status"] == "client_disconnected"
+    assert row["completion_tokens"] < 900
+
+
+def test_request_metrics_move(server: ServerProcess) -> None:
+    labels = dict(route="pirate", path="prompt", status="200")
+    before = server.metric("chat_requests_total", **labels)
+    ttft_before = server.metric("chat_time_to_first_token_seconds_count", route="pirate", path="prompt")
+    tokens_before = server.metric("chat_completion_tokens_total", route="pirate", path="prompt")
+    with server.http() as http:
+        r = http.post("/v1/chat/completions", json=chat_body(model="pirate", max_tokens=5)).json()
+    assert server.metric("chat_requests_total", **labels) == before + 1
+    assert server.metric("chat_time_to_first_token_seconds_count", route="pirate", path="prompt") == ttft_before + 1
+    assert server.metric("chat_completion_tokens_total", route="pirate",
+                         path="prompt") == tokens_before + r["usage"]["completion_tokens"]
+    assert server.metric("adapters_loaded") >= 0
+    assert server.metric("engine_steps_total") > 0
+
+
+def test_junk_model_names_do_not_grow_the_metric_series(server: ServerProcess) -> None:
+    def series() -> int:
+        text = httpx.get(f"{server.url}/metrics").text
+        return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+
+    with server.http() as http:
+        http.post("/v1/chat/completions", json=chat_body(model="junk-0"))  # first 404 creates the 'unknown' series
+        before = series()
+        for i in range(200):
+            r = http.post("/v1/chat/completions", json=chat_body(model=f"junk-{i}-{secrets.token_hex(4)}"))
+            assert r.status_code == 404
+    assert series() == before
+    assert server.metric("chat_requests_total", route="unknown", status="404") >= 200
