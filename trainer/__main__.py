@@ -315,14 +315,16 @@ def cmd_nightly(args: argparse.Namespace, *, one_off: bool = False) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from server.registry import RegistryError, current_version, rollback
+    from server.registry import InvalidAdapterName, RegistryError, current_version, rollback
 
     adapters_dir = args.adapters_dir
     if adapters_dir is None:
         adapters_dir = load_config(args.config).adapters_dir if args.config else TrainerConfig().adapters_dir
-    before = current_version(adapters_dir, args.name)
     try:
+        before = current_version(adapters_dir, args.name)
         now = rollback(adapters_dir, args.name)
+    except InvalidAdapterName as exc:
+        raise UsageError(str(exc)) from exc
     except RegistryError as exc:
         _err(f"rollback {args.name}: {exc} (in {adapters_dir})")
         return EXIT_FAILURE
