@@ -55,9 +55,10 @@ LLAMA_SERVER = WORK / "llama-server-build" / "bin" / "llama-server"
 LORA_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 SYSTEM = "You are a precise assistant. Follow the instructions exactly and never stop early."
-# Counting keeps a 135M model going well past 128 tokens under greedy decoding; completion_tokens
-# is checked and reported for every scenario anyway.
-TASK = "Count from 1 to 1000, writing every number in words, one per line, with no other text."
+# Checked on the base model and both bench adapters: greedy decoding runs past 150 tokens without EOS
+# (a "count in words" prompt stopped at 121 on base and at 60 on adapter B). completion_tokens is
+# still checked and reported for every scenario.
+TASK = "List the numbers from 1 to 500, one per line, with no other text."
 TURNS = [
     "Tell me about the history of tea.", "What about coffee?", "Which one has more caffeine?",
     "How is green tea made?", "And black tea?", "What is matcha?", "How do I brew it?",
@@ -369,36 +370,44 @@ async def conversation(srv: Server, turns: int, max_tokens: int, adapter: str | 
 
 
 async def measure(srv: Server, a: argparse.Namespace, deadline: float) -> dict[str, Any]:
-    def left() -> None:
-        if time.monotonic() > deadline:
-            raise TimeoutError("--max-seconds reached")
-
-    res: dict[str, Any] = {"uptime_start": uptime()}
+    """Every scenario against one server. Past `deadline` the remaining scenarios are skipped (and
+    listed under "skipped"), so a slow machine still yields the scenarios that finished."""
+    res: dict[str, Any] = {"uptime_start": uptime(), "skipped": []}
     async with httpx.AsyncClient(timeout=60) as client:  # warm-up: base and both adapters loaded
         for ad in (None, "bench-a", "bench-b"):
             w = await stream_chat(client, srv, task_messages(), 8, ad)
             if not w.ok:
                 raise RuntimeError(f"{srv.name}: warm-up request failed ({ad}): {w.error}")
-    left()
-    res["single"] = await load(srv, 1, a.rounds, a.tokens, lambda i: None)
-    for n in a.clients:
-        left()
-        res[f"agg_{n}"] = res["single"] if n == 1 else await load(srv, n, a.rounds, a.tokens, lambda i: None)
     nmax = max(a.clients)
-    left()
-    res["same_adapter"] = await load(srv, nmax, a.rounds, a.tokens, lambda i: "bench-a")
-    left()
-    res["mixed_adapter"] = await load(srv, nmax, a.rounds, a.tokens, lambda i: "bench-a" if i % 2 == 0 else "bench-b")
-    for label, ad in (("conv_base", None), ("conv_adapter", "bench-a")):
-        runs = []
-        for _ in range(a.conversations):
-            left()
-            runs.append(await conversation(srv, a.turns, a.turn_tokens, ad))
-        firsts = [c["turns"][0]["ttft"] for c in runs if c["turns"] and "ttft" in c["turns"][0]]
-        lasts = [c["turns"][-1]["ttft"] for c in runs if len(c["turns"]) == a.turns and "ttft" in c["turns"][-1]]
-        res[label] = {"runs": runs, "ttft_turn1": med(firsts), "ttft_last": med(lasts)}
+    mixed = lambda i: "bench-a" if i % 2 == 0 else "bench-b"  # noqa: E731
+    phases: list[tuple[str, Callable[[], Any]]] = [("single", lambda: load(srv, 1, a.rounds, a.tokens, lambda i: None))]
+    phases += [(f"agg_{n}", (lambda n=n: load(srv, n, a.rounds, a.tokens, lambda i: None))) for n in a.clients if n > 1]
+    phases += [("same_adapter", lambda: load(srv, nmax, a.rounds, a.tokens, lambda i: "bench-a")),
+               ("mixed_adapter", lambda: load(srv, nmax, a.rounds, a.tokens, mixed)),
+               ("conv_base", lambda: conversations(srv, a, None)),
+               ("conv_adapter", lambda: conversations(srv, a, "bench-a"))]
+    for key, run in phases:
+        if time.monotonic() > deadline:
+            res["skipped"].append(key)
+            continue
+        res[key] = await run()
+        if key == "single":
+            res["agg_1"] = res["single"]
+        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res[key].items() if k != "runs"}
+        print(f"[bench] {srv.name} {key}: {json.dumps(shown)}", flush=True)
+    if res["skipped"]:
+        print(f"[bench] {srv.name}: --max-seconds reached, skipped {res['skipped']}", flush=True)
     res["uptime_end"] = uptime()
     return res
+
+
+async def conversations(srv: Server, a: argparse.Namespace, adapter: str | None) -> dict[str, Any]:
+    runs = [await conversation(srv, a.turns, a.turn_tokens, adapter) for _ in range(a.conversations)]
+    firsts = [c["turns"][0]["ttft"] for c in runs if c["turns"] and "ttft" in c["turns"][0]]
+    lasts = [c["turns"][-1]["ttft"] for c in runs if len(c["turns"]) == a.turns and "ttft" in c["turns"][-1]]
+    return {"runs": runs, "ttft_turn1": med(firsts), "ttft_last": med(lasts),
+            "prompt_tokens_last": med([c["turns"][-1].get("prompt_tokens", 0) for c in runs if c["turns"]]),
+            "cached_tokens_last": med([c["turns"][-1].get("cached_tokens", 0) for c in runs if c["turns"]])}
 
 
 # ---------------------------------------------------------------------------------------- orchestration
@@ -435,9 +444,23 @@ def ratio(x: float, y: float) -> float:
     return x / y if y and y == y and x == x else float("nan")
 
 
+class Missing(dict):
+    """A scenario dict whose absent scenarios (skipped at the deadline) read as all-NaN."""
+
+    def __missing__(self, key: str) -> dict[str, Any]:
+        return _NanDict()
+
+
+class _NanDict(dict):
+    def __missing__(self, key: str) -> float:
+        return float("nan")
+
+
 def summarise(r: dict[str, Any], a: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     """Rows: (metric, value, ratio, target)."""
-    raw, ours, ll = r["raw"], r.get("ours"), r.get("llama")
+    raw = r["raw"]
+    ours = Missing(r["ours"]) if r.get("ours") else None
+    ll = Missing(r["llama"]) if r.get("llama") else None
     nmax = max(a.clients)
     rows: list[tuple[str, str, str, str]] = []
 
@@ -475,7 +498,11 @@ def summarise(r: dict[str, Any], a: argparse.Namespace) -> list[tuple[str, str, 
                          f"{f(c['ttft_turn1'], 's')} / {f(c['ttft_last'], 's')}", "", ""))
         toks = [s[k]["completion_tokens_min"] for k in ("single", "same_adapter", "mixed_adapter")]
         toks += [s[f"agg_{n}"]["completion_tokens_min"] for n in a.clients]
-        rows.append((f"{name}: min completion_tokens over load runs", str(min(toks)), f"of {a.tokens} asked", ""))
+        toks = [t for t in toks if t == t]
+        rows.append((f"{name}: min completion_tokens over load runs", str(min(toks, default="n/a")),
+                     f"of {a.tokens} asked", ""))
+        if s.get("skipped"):
+            rows.append((f"{name}: scenarios skipped at --max-seconds", ", ".join(s["skipped"]), "", ""))
     if ours:
         v = ratio(ours["single"]["decode_tok_s_p50"], raw["single_tok_s"])
         rows.append(("TARGET ours single-stream decode / raw loop", f"{v:.1%}", ">= 95%", check(v, v >= 0.95)))
@@ -557,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + a.max_seconds
     # hard stop even if something hangs outside the asyncio deadline checks
     signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("--max-seconds reached")))
-    signal.alarm(int(a.max_seconds) + 60)
+    signal.alarm(int(a.max_seconds * 1.5) + 120)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = WORK / f"serve-{stamp}-{os.getpid()}"
     work.mkdir(parents=True)
@@ -582,16 +610,14 @@ def main(argv: list[str] | None = None) -> int:
         servers.append(("ours", lambda: start_ours(a, work, adapters_dir)))
     if not a.skip_llama_server:
         servers.append(("llama", lambda: start_llama(a, work, loras)))
-    for key, start in servers:
+    for i, (key, start) in enumerate(servers):
         print(f"[bench] {key}: starting ...", flush=True)
         srv = start()
+        share = (deadline - time.monotonic()) / (len(servers) - i)  # each server gets its share of the time
         try:
-            result[key] = asyncio.run(measure(srv, a, deadline))
+            result[key] = asyncio.run(measure(srv, a, time.monotonic() + share))
         finally:
             srv.stop()
-        s = result[key]
-        print(f"[bench] {key}: single {s['single']['decode_tok_s_p50']:.1f} tok/s, "
-              + ", ".join(f"agg@{n} {s[f'agg_{n}']['agg_tok_s']:.1f}" for n in a.clients), flush=True)
     signal.alarm(0)
     result["uptime_end"] = uptime()
     rows = summarise(result, a)
