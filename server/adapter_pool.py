@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from server import registry
-from server.engine import Engine, LoraHandle
+from server.engine import Engine, LoraHandle, probe_adapter
 from server.gguf_info import BaseModelInfo
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,9 @@ class AdapterPool:
                 result = registry.validate_lora_file(ref.path, self.base)
             except registry.AdapterInvalid as e:
                 result = str(e)
+            else:
+                # the header looks right; now let llama.cpp itself load it, in a child process
+                result = probe_adapter(self.base.path, ref.path) or result
         self._validated[cache_key] = result
         return result
 

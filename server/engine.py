@@ -648,3 +648,54 @@ def llama_cpp_version() -> str:
 
 def cpu_count() -> int:
     return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe: load an adapter file in a throw-away process, so a file that crashes llama.cpp's loader
+# takes down the probe, never the server. `python -m server.engine probe MODEL ADAPTER`.
+
+
+def probe_adapter(model_path: Path, adapter_path: Path, *, timeout_s: float = 120.0) -> str | None:
+    """None when llama.cpp loads the adapter in a child process; otherwise why not."""
+    import subprocess
+    import sys
+
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "server.engine", "probe", str(model_path), str(adapter_path)],
+            capture_output=True, timeout=timeout_s, text=True,
+        )
+    except subprocess.TimeoutExpired:
+        return f"llama.cpp did not finish loading the adapter within {timeout_s:.0f}s"
+    if proc.returncode == 0:
+        return None
+    if proc.returncode < 0:
+        return f"llama.cpp crashed loading the adapter (signal {-proc.returncode})"
+    detail = proc.stdout.strip().splitlines()[-1:] or ["no detail"]
+    return f"llama.cpp refused the adapter: {detail[0][:200]}"
+
+
+def _probe_main(model_path: str, adapter_path: str) -> int:
+    llama_logger.set_verbose(False)
+    C.llama_backend_init()
+    params = C.llama_model_default_params()
+    params.n_gpu_layers = 0
+    model = C.llama_model_load_from_file(model_path.encode(), params)
+    if not model:
+        print("base model failed to load")
+        return 2
+    adapter = C.llama_adapter_lora_init(model, adapter_path.encode())
+    if not adapter:
+        print("llama_adapter_lora_init returned NULL")
+        return 3
+    C.llama_adapter_lora_free(adapter)
+    C.llama_model_free(model)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 4 and sys.argv[1] == "probe":
+        sys.exit(_probe_main(sys.argv[2], sys.argv[3]))
+    sys.exit("usage: python -m server.engine probe MODEL ADAPTER")

@@ -120,7 +120,8 @@ class ServerProcess:
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.logs()}")
 
     def logs(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-6000:]
 
     def client(self, api_key: str | None = None, **kw: Any) -> openai.OpenAI:

@@ -30,7 +30,7 @@ def wait_for(predicate, timeout: float = 15.0) -> bool:
 
 
 def model_ids(srv) -> set[str]:
-    return {m["id"] for m in httpx.get(f"{srv.url}/v1/models").json()["data"]}
+    return {m["id"] for m in httpx.get(f"{srv.url}/v1/models", timeout=60).json()["data"]}
 
 
 def test_new_version_is_picked_up_while_requests_run_and_none_fails(fresh_server, base_info, tmp_path) -> None:
@@ -66,17 +66,17 @@ def test_reload_endpoint_removal_and_rollback(fresh_server, base_info, tmp_path)
     srv = fresh_server(adapter_watch_interval_s=0)  # no watcher: only the endpoint reloads
     publish_lora(srv.adapters_dir, "manual", base_info, seed=21, tmp=tmp_path)
     assert answer(srv, "manual").status_code == 404
-    summary = httpx.post(f"{srv.url}/v1/adapters/reload").json()
+    summary = httpx.post(f"{srv.url}/v1/adapters/reload", timeout=60).json()
     assert summary["added"] == ["manual@1"]
     assert answer(srv, "manual").status_code == 200
     publish_lora(srv.adapters_dir, "manual", base_info, seed=22, tmp=tmp_path)
-    httpx.post(f"{srv.url}/v1/adapters/reload")
+    httpx.post(f"{srv.url}/v1/adapters/reload", timeout=60)
     assert answer(srv, "manual", max_tokens=2).headers["x-adapters"] == "manual@2:1"
     assert registry.rollback(srv.adapters_dir, "manual") == 1
-    httpx.post(f"{srv.url}/v1/adapters/reload")
+    httpx.post(f"{srv.url}/v1/adapters/reload", timeout=60)
     assert answer(srv, "manual", max_tokens=2).headers["x-adapters"] == "manual@1:1"
     shutil.rmtree(srv.adapters_dir / "manual")
-    summary = httpx.post(f"{srv.url}/v1/adapters/reload").json()
+    summary = httpx.post(f"{srv.url}/v1/adapters/reload", timeout=60).json()
     assert sorted(summary["removed"]) == ["manual@1", "manual@2"]
     assert answer(srv, "manual").status_code == 404
     assert answer(srv, "base", max_tokens=2).status_code == 200
@@ -100,7 +100,7 @@ def test_bad_adapter_files_are_refused_and_the_server_keeps_serving(fresh_server
     (srv.adapters_dir / "good" / "v2.gguf").write_bytes(b"partial")
 
     def refused() -> dict:
-        return httpx.get(f"{srv.url}/v1/adapters").json()["refused"]
+        return httpx.get(f"{srv.url}/v1/adapters", timeout=60).json()["refused"]
 
     def all_refused() -> bool:
         reasons = refused()
@@ -129,7 +129,7 @@ def test_loaded_adapters_are_bounded_lru(fresh_server, base_info, tmp_path) -> N
     for i in range(1, 4):
         assert answer(srv, f"a{i}", max_tokens=2).status_code == 200
     assert srv.metric("adapters_loaded") == 2
-    adapters = httpx.get(f"{srv.url}/v1/adapters").json()["data"]
+    adapters = httpx.get(f"{srv.url}/v1/adapters", timeout=60).json()["data"]
     assert sum(len(a["loaded"]) for a in adapters) == 2
     # an unloaded adapter comes back, with the same output
     assert answer(srv, "a0", max_tokens=8).json()["choices"][0]["message"]["content"] == first
@@ -140,7 +140,7 @@ def test_manifest_is_served_in_adapter_listing(fresh_server, base_info, tmp_path
     srv = fresh_server()
     publish_lora(srv.adapters_dir, "listed", base_info, seed=50, tmp=tmp_path)
     assert wait_for(lambda: "listed" in model_ids(srv))
-    data = httpx.get(f"{srv.url}/v1/adapters").json()["data"]
+    data = httpx.get(f"{srv.url}/v1/adapters", timeout=60).json()["data"]
     entry = next(a for a in data if a["name"] == "listed")
     manifest = entry["versions"][0]
     assert manifest["base_model_sha256"] == base_info.sha256

@@ -125,7 +125,7 @@ def test_request_metrics_move(server: ServerProcess) -> None:
 
 def test_junk_model_names_do_not_grow_the_metric_series(server: ServerProcess) -> None:
     def series() -> int:
-        text = httpx.get(f"{server.url}/metrics").text
+        text = httpx.get(f"{server.url}/metrics", timeout=60).text
         return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
 
     with server.http() as http:

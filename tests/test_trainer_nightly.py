@@ -214,3 +214,21 @@ def test_runs_left_running_by_a_killed_trainer_are_marked_interrupted(world: Pat
     run_nightly(load_config(world / "trainer.toml"), only=["starved"], say=lambda m: None)
     row = next(r for r in runs(world) if r["id"] == run_id)
     assert row["status"] == "interrupted" and "died" in row["reason"]
+
+
+def test_one_off_train_writes_the_adapter_without_publishing(
+    world: Path, published: Outcome, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trainer.__main__ import main
+
+    _seed_strict(world, published)
+    out = world / "one-off" / "strict.gguf"
+    rc = main(["train", "--config", str(world / "trainer.toml"), "--adapter", "strict", "--margin", "0",
+               "--no-publish", "--output", str(out), "--progress", "none"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert "strict: skipped - not published (--no-publish), written to" in capsys.readouterr().out
+    base = BaseModelInfo.load(world / "tiny.gguf")
+    assert registry.validate_lora_file(out, base).rank >= 1
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["config"]["gate"]["margin"] == 0.0 and "eval" in sidecar["metrics"]
+    assert registry.current_version(world / "adapters", "strict") == 1

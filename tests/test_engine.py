@@ -1,0 +1,156 @@
+"""The engine in process, on the real model and real adapters: batching, isolation, reuse, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.chat_template import ChatTemplate
+from server.engine import Engine, EngineConfig, LoraHandle, SamplingParams, TokenEvent
+from tests.conftest import make_lora_file
+
+PROMPTS = [
+    "Write one sentence about the sea.",
+    "Name three fruits.",
+    "What is the capital of Italy?",
+    "Describe a cat in a few words.",
+]
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory, base_info) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("loras")
+    return (make_lora_file(d / "a.gguf", base_info, seed=101), make_lora_file(d / "b.gguf", base_info, seed=102))
+
+
+def new_engine(model_path: Path, parallel: int, **kw) -> Engine:
+    eng = Engine(EngineConfig(model_path, n_ctx=512, parallel=parallel, n_threads=2, **kw))
+    eng.start()
+    return eng
+
+
+@pytest.fixture(scope="module")
+def template(base_info) -> ChatTemplate:
+    return ChatTemplate.from_model(base_info)
+
+
+@pytest.fixture
+def engine8(model_path) -> Iterator[Engine]:
+    eng = new_engine(model_path, 8)
+    yield eng
+    eng.close()
+
+
+async def generate(eng: Engine, template: ChatTemplate, prompt: str, adapters=(), max_tokens: int = 40,
+                   cancel_after: int | None = None) -> tuple[str, TokenEvent]:
+    tokens = eng.tokenize(template.render_segments([{"role": "user", "content": prompt}]))
+    stream = eng.submit(tokens, SamplingParams(max_tokens=max_tokens, temperature=0.0), adapters)
+    text, n = "", 0
+    async for event in stream:
+        text += event.text
+        n += 1
+        if cancel_after is not None and n == cancel_after:
+            stream.cancel()
+        if event.final:
+            return text, event
+    raise AssertionError("stream ended without a final event")
+
+
+def test_greedy_output_is_identical_alone_and_batched_on_mixed_adapters(engine8, template, loras) -> None:
+    async def run() -> None:
+        a = await engine8.load_adapter(loras[0])
+        b = await engine8.load_adapter(loras[1])
+        sets: list[tuple[tuple[LoraHandle, float], ...]] = [(), ((a, 1.0),), ((b, 1.0),), ((a, 0.5), (b, 0.5))]
+        jobs = [(PROMPTS[i % 4], sets[i % 4]) for i in range(8)]
+        alone = []
+        for prompt, adapters in jobs:
+            alone.append(await generate(engine8, template, prompt, adapters))
+            engine8_clear(engine8)  # no prefix reuse: each solo run computes everything itself
+        batched = await asyncio.gather(*[generate(engine8, template, p, ad) for p, ad in jobs])
+        for (solo_text, solo_ev), (text, ev) in zip(alone, batched):
+            assert text == solo_text
+            assert ev.finish_reason == solo_ev.finish_reason
+        # and again, now with every prefix served from the cache
+        cached = await asyncio.gather(*[generate(engine8, template, p, ad) for p, ad in jobs])
+        assert [t for t, _ in cached] == [t for t, _ in alone]
+        assert all(ev.cached_tokens > 0 for _, ev in cached)
+        assert len({t for t, _ in alone[:4]}) == 4  # the four adapter sets really differ
+
+    asyncio.run(run())
+
+
+def engine8_clear(eng: Engine) -> None:
+    """Forget every slot's cached prefix (runs on the scheduler thread)."""
+    import llama_cpp.llama_cpp as C
+
+    def clear() -> None:
+        for slot in eng.slots:
+            C.llama_memory_seq_rm(eng.mem, slot.idx, -1, -1)
+            slot.kv_tokens = []
+
+    eng._call(clear).result(timeout=10)
+
+
+def test_prefix_reuse_never_crosses_adapter_sets(model_path, template, loras) -> None:
+    eng = new_engine(model_path, 1)  # one slot: the only KV there is, is the previous request's
+    try:
+        async def run() -> None:
+            a = await eng.load_adapter(loras[0])
+            b = await eng.load_adapter(loras[1])
+            prompt = PROMPTS[0]
+            b_fresh, ev = await generate(eng, template, prompt, ((b, 1.0),))
+            assert ev.cached_tokens == 0
+            await generate(eng, template, prompt, ((a, 1.0),))  # the slot now holds A's KV of the same prompt
+            b_after_a, ev = await generate(eng, template, prompt, ((b, 1.0),))
+            assert ev.cached_tokens == 0
+            assert b_after_a == b_fresh
+            again, ev = await generate(eng, template, prompt, ((b, 1.0),))
+            assert ev.cached_tokens > 0 and again == b_fresh  # same set: reused, same text
+
+        asyncio.run(run())
+    finally:
+        eng.close()
+
+
+def test_cancelled_sequence_frees_its_slot(model_path, template) -> None:
+    eng = new_engine(model_path, 1)
+    try:
+        async def run() -> None:
+            long_job = asyncio.create_task(
+                generate(eng, template, "Write a very long story.", max_tokens=400, cancel_after=3))
+            waiting = asyncio.create_task(generate(eng, template, PROMPTS[2], max_tokens=8))
+            text, ev = await long_job
+            assert ev.finish_reason == "cancelled" and ev.completion_tokens < 400
+            text2, ev2 = await waiting  # got the only slot after the cancel
+            assert ev2.finish_reason in ("stop", "length") and text2
+            assert eng.active == 0 and eng.queued == 0
+
+        asyncio.run(run())
+    finally:
+        eng.close()
+
+
+def test_generation_time_cap(model_path, template) -> None:
+    eng = new_engine(model_path, 1, request_timeout_s=0.3)
+    try:
+        text, ev = asyncio.run(generate(eng, template, "Write a very long story.", max_tokens=2000))
+        assert ev.finish_reason == "timeout" and ev.completion_tokens < 2000
+    finally:
+        eng.close()
+
+
+def test_user_text_is_never_parsed_as_control_tokens(model_path, template) -> None:
+    eng = new_engine(model_path, 1)
+    try:
+        typed = eng.tokenize(template.render_segments([{"role": "user", "content": "<|im_end|>"}]))
+        im_end = eng._tokenize("<|im_end|>", add_special=False, special=True)
+        assert len(im_end) == 1
+        # the template's own <|im_end|> tokens are there, the user's text became ordinary tokens
+        user_part = eng.tokenize_text("<|im_end|>")
+        assert im_end[0] not in user_part and len(user_part) > 1
+        assert typed.count(im_end[0]) == 2  # system turn + user turn ends, nothing from the user
+    finally:
+        eng.close()
