@@ -28,7 +28,6 @@ import codecs
 import ctypes
 import itertools
 import logging
-import os
 import queue
 import threading
 import time
@@ -39,12 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import llama_cpp
 import llama_cpp._logger as llama_logger
 import llama_cpp.llama_cpp as C
 
 from server.chat_template import Segment
-from server.errors import EngineFailure, QueueFull, ServiceUnavailable
+from server.errors import QueueFull, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +106,7 @@ class EngineObserver(Protocol):
 
     def on_step(self, batch_tokens: int, decode_seqs: int, switched: bool) -> None: ...
     def on_admit(self, queue_wait_s: float, cached_tokens: int) -> None: ...
+    def on_turn_end(self, steps: int) -> None: ...
 
 
 class _NullObserver:
@@ -115,6 +114,9 @@ class _NullObserver:
         pass
 
     def on_admit(self, queue_wait_s: float, cached_tokens: int) -> None:
+        pass
+
+    def on_turn_end(self, steps: int) -> None:
         pass
 
 
@@ -502,6 +504,8 @@ class Engine:
         # the group that has waited longest since it last ran takes the context
         others = [g for g in groups if g != cur] or [cur]
         chosen = min(others, key=lambda g: self._group_last_ran.get(g, 0.0))
+        if cur is not None and self._group_steps:
+            self.observer.on_turn_end(self._group_steps)
         self._group_steps = 1
         return chosen
 
@@ -641,13 +645,6 @@ class Engine:
                 slot.kv_tokens = []
                 self._finish(slot, error=message)
 
-
-def llama_cpp_version() -> str:
-    return llama_cpp.__version__
-
-
-def cpu_count() -> int:
-    return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ request fields: a junk `model` name is counted under route="unknown", so it cann
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -87,6 +86,8 @@ class Metrics:
         self.cached_tokens = Counter("engine_prefix_cache_hit_tokens", "Prompt tokens reused from KV", registry=r)
         self.switches = Counter("engine_adapter_set_switches", "Adapter-set changes between steps", registry=r)
         self.steps = Counter("engine_steps", "llama_decode steps", registry=r)
+        self.group_turns = Histogram("engine_adapter_group_turn_steps", "Steps an adapter set kept the context",
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         if db_path is not None:
             r.register(_TrainerRuns(db_path))
 
@@ -103,6 +104,9 @@ class Metrics:
         self.queue_wait.observe(queue_wait_s)
         if cached_tokens:
             self.cached_tokens.inc(cached_tokens)
+
+    def on_turn_end(self, steps: int) -> None:
+        self.group_turns.observe(steps)
 
     # adapter pool observer
     def adapter_loaded(self, name: str) -> None:
@@ -130,6 +134,3 @@ def adapters_label(adapters: list[dict]) -> tuple[str, str]:
         return "", ""
     return "+".join(a["name"] for a in adapters), "+".join(str(a["version"]) for a in adapters)
 
-
-def dumps(obj: object) -> str:
-    return json.dumps(obj, ensure_ascii=False)
