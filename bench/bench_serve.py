@@ -387,6 +387,8 @@ async def measure(srv: Server, a: argparse.Namespace, deadline: float) -> dict[s
                ("conv_base", lambda: conversations(srv, a, None)),
                ("conv_adapter", lambda: conversations(srv, a, "bench-a"))]
     for key, run in phases:
+        if a.only and key not in a.only:
+            continue
         if time.monotonic() > deadline:
             res["skipped"].append(key)
             continue
@@ -563,6 +565,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-ctx", type=int, default=1024, help="context per sequence (llama-server gets parallel*n_ctx)")
+    p.add_argument("--only", default="", help="comma-separated scenarios to run (single, agg_N, same_adapter, "
+                   "mixed_adapter, conv_base, conv_adapter); default all")
     p.add_argument("--skip-llama-server", action="store_true")
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--llama-server", type=Path, default=LLAMA_SERVER)
@@ -572,6 +576,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label", default="", help="run label written with the results")
     a = p.parse_args(argv)
     a.clients = sorted({int(x) for x in a.clients.split(",") if x.strip()})
+    a.only = [x.strip() for x in a.only.split(",") if x.strip()]
     if not a.model.exists():
         p.error(f"model not found: {a.model} (run `make model` or pass --model)")
     if not a.skip_llama_server and not a.llama_server.exists():
