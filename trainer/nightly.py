@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import AdapterConfig, TrainerConfig
-from trainer.dataset import Dataset, TokenCounter, build_dataset, expand_paths, load_template
+from trainer.dataset import Dataset, TokenCounter, build_dataset, expand_paths
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
