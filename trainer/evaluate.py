@@ -56,6 +56,7 @@ class EvalReport:
     trained: ModelScore | None = None
     samples: list[Sample] = field(default_factory=list)
     n_texts: int = 0
+    n_truncated: int = 0  # validation texts longer than n_ctx + 1 tokens, scored on their start
     n_ctx: int = 256
     base_model: str = ""
     adapter_path: str = ""
@@ -146,6 +147,7 @@ def evaluate(
         trained=trained_score,
         samples=samples,
         n_texts=len(token_lists),
+        n_truncated=sum(len(t) > n_ctx + 1 for t in token_lists),
         n_ctx=n_ctx,
         base_model=str(base_model),
         adapter_path=str(adapter),

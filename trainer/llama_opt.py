@@ -289,7 +289,11 @@ class TrainSession:
             self.close()
             raise LlamaError(f"llama.cpp made a context of {self._h.n_ctx} tokens, asked for {n_ctx}")
         self.n_ctx = n_ctx
-        self._warm_up()
+        try:
+            self._warm_up()
+        except Exception:
+            self.close()
+            raise
 
         self._opt_pars = GgmlOptOptimizerParams(
             adamw_alpha=lr, adamw_beta1=0.9, adamw_beta2=0.999, adamw_eps=1e-8, adamw_wd=weight_decay,
