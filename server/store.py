@@ -187,8 +187,15 @@ EXCHANGE_COLUMNS = (
 JSON_COLUMNS = {"adapters", "messages", "params"}
 
 
+def _utf8(v: Any) -> Any:
+    """Lone surrogates (valid in JSON "\ud800", not in UTF-8) become U+FFFD, as the tokenizer sees them."""
+    if isinstance(v, str):
+        return v.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return v
+
+
 def _encode(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (json.dumps(v, ensure_ascii=False) if k in JSON_COLUMNS else v) for k, v in row.items()}
+    return {k: _utf8(json.dumps(v, ensure_ascii=False) if k in JSON_COLUMNS else v) for k, v in row.items()}
 
 
 class ConversationLog:
@@ -226,7 +233,7 @@ class ConversationLog:
         self._queue.put(("finish", (exchange_id, _encode({**fields, "finished_at": time.time()}))))
 
     def add_feedback(self, response_id: str, rating: int, corrected: str | None, comment: str | None) -> None:
-        self._queue.put(("feedback", (response_id, time.time(), rating, corrected, comment)))
+        self._queue.put(("feedback", (response_id, time.time(), rating, _utf8(corrected), _utf8(comment))))
 
     def flush(self, timeout: float = 10.0) -> None:
         done = threading.Event()
@@ -254,7 +261,7 @@ class ConversationLog:
             kind, payload = item
             try:
                 self._apply(kind, payload)
-            except sqlite3.Error:
+            except Exception:  # one bad row must never stop the writer
                 log.exception("conversation log write failed (%s)", kind)
             if time.monotonic() - self._last_retention > 3600:
                 self._apply_retention()
