@@ -158,6 +158,8 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"the body is not valid JSON: {str(e)[:120]}") from None
+    except RecursionError:
+        raise InvalidRequest("the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object")
     try:
