@@ -135,6 +135,9 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
         message = f"request body too large: the limit is {_state(request).settings.max_body_bytes} bytes"
     elif status == 405:
         message = f"method {request.method} is not allowed on {request.url.path[:200]}"
+    elif status >= 500 and exc.detail == "client disconnected prematurely":  # nobody to answer; not our fault
+        log.info("client left while sending its request body: %s %s", request.method, request.url.path[:200])
+        message = "client disconnected"
     elif status >= 500:
         log.error("HTTP %d: %s", status, exc.detail)
         message = "internal server error"
