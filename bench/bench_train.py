@@ -191,6 +191,17 @@ def quality(texts: list[str], convs: list[list[dict[str, str]]], windows: int, t
     }
 
 
+# Measured by hand on 2026-11-26 on the same shared machine (1-min load 4-5), kept with the results.
+OMP_NOTE = """\
+OpenMP wait policy (measured separately, same shared machine, load 4-5): llama-cpp-python 0.3.36 links
+libgomp, whose workers spin-wait. With another busy process on the two cores, two-thread llama.cpp work
+collapses: one SmolLM2 training window took 9.6-17.7 s by default vs 5.4-5.7 s with
+`OMP_WAIT_POLICY=PASSIVE`; on the tiny test model 9 training windows took 11.1 s vs 0.25 s, and 12
+scoring decodes 4.1 s vs 0.03 s (1 thread: 0.03 s either way). The nightly trainer shares the cores
+with the server, so setting `OMP_WAIT_POLICY=PASSIVE` in the trainer's entry point (before llama_cpp
+is imported) is recommended; its cost on an idle machine was not measured."""
+
+
 def markdown(res: dict[str, Any], argv: str) -> str:
     o_s, o_l, t_s, t_l, q = res["ours_small"], res["ours_large"], res["theirs_small"], res["theirs_large"], res["quality"]
     lines = [
@@ -251,6 +262,8 @@ def markdown(res: dict[str, Any], argv: str) -> str:
         f"adapter on Q4_1 base via llama_adapter_lora_init {q['val_loss']['adapter_on_q4_1']:.4f} ({q['eval_s']:.1f} s). "
         f"Gate (margin 0): {'passed' if q['gate']['passed'] else 'refused'} — {q['gate']['reason']}. "
         f"Peak RSS of the quality process (train + extract + eval): {q['peak_rss_mib_process']:.0f} MiB.",
+        "",
+        OMP_NOTE,
         "",
         "Greedy sample, held-out prompt, base vs adapter:",
         "",
