@@ -94,7 +94,7 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     validate_name(name)
     if not sep:
         return name, None
-    if not (ver.isascii() and ver.isdigit()) or not 0 < int(ver) < 10**9:  # not '²' or Arabic digits
+    if not (ver.isascii() and ver.isdigit()) or ver[0] == "0" or not int(ver) < 10**9:  # one spelling per version
         raise InvalidAdapterName(f"invalid adapter version in {ref[:80]!r}: use name@N with N >= 1")
     return name, int(ver)
 
