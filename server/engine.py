@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed
 PENALTY_LAST_N = 64
+PREFIX_WORTH_TOKENS = 64  # a cached prefix this long outweighs keeping adapter groups contiguous
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,11 @@ class Engine:
         cparams.n_threads = cfg.n_threads
         cparams.n_threads_batch = cfg.n_threads
         cparams.no_perf = True
+        # One KV buffer per slot, not one shared buffer: a sequence's cells then sit at the same
+        # offsets whether it runs alone or with others, which keeps greedy output batch-invariant
+        # (tests/test_engine.py). The price: llama.cpp splits a batch into runs of consecutive
+        # sequence ids with equal token counts, one model pass each, so slots are handed out to
+        # keep each adapter group on neighbouring ids (_pick_slot).
         cparams.kv_unified = False
         ctx = C.llama_init_from_model(model, cparams)
         if not ctx:
@@ -459,12 +465,30 @@ class Engine:
             self.observer.on_admit(time.monotonic() - req.submitted, n_keep)
 
     def _pick_slot(self, free: list[_Slot], req: _Request) -> tuple[_Slot, int]:
-        best, best_len = None, -1
-        for slot in free:
+        """Choose a free slot for `req`.
+
+        A long cached prefix under the same adapter set wins (a follow-up turn pays only for its new
+        message). Otherwise keep each adapter group on neighbouring slot ids: llama.cpp decodes a
+        batch in one pass only over consecutive sequence ids, so a group scattered over 0, 2, 4, 6
+        costs four passes per step instead of one (measured: 35 ms vs 20 ms per step of 4).
+        """
+        running = [(s.idx, s.run.req.adapters) for s in self.slots if s.run is not None]
+
+        def contiguity(slot: _Slot) -> tuple[int, int]:
+            if any(abs(j - slot.idx) == 1 and key == req.adapters for j, key in running):
+                return 1, 0
+            others = [abs(j - slot.idx) for j, key in running if key != req.adapters]
+            return 0, min(others, default=len(self.slots))  # start a new group far from the others
+
+        def score(slot: _Slot) -> tuple:
             n = _common_prefix(slot.kv_tokens, req.prompt) if slot.kv_key == req.adapters else 0
-            if n > best_len or (n == best_len and best is not None and slot.last_used < best.last_used):
-                best, best_len = slot, n
-        assert best is not None
+            if n >= PREFIX_WORTH_TOKENS:
+                return (1, n, *contiguity(slot), -slot.last_used)
+            return (0, *contiguity(slot), n, -slot.last_used)
+
+        best = max(free, key=score)
+        n = _common_prefix(best.kv_tokens, req.prompt) if best.kv_key == req.adapters else 0
+        best_len = n
         n_keep = min(best_len, len(req.prompt) - 1)  # the last prompt token is always decoded for logits
         if best.kv_key != req.adapters or n_keep <= 0:
             C.llama_memory_seq_rm(self.mem, best.idx, -1, -1)
