@@ -52,6 +52,7 @@ from server.store import ConversationLog, connect
 log = logging.getLogger(__name__)
 
 AUTH_PUBLIC, AUTH_API, AUTH_ADMIN = "public", "api", "admin"
+SSE_SHUTDOWN_GRACE_S = 25.0  # below uvicorn's timeout_graceful_shutdown (30 s, server/__main__.py)
 
 
 @dataclass
@@ -188,6 +189,8 @@ async def chat_completions(request: Request) -> ASGIApp:
         return EventSourceResponse(
             _sse(chat, ex, include_usage), headers=ex.headers, ping=state.settings.sse_ping_s, sep="\n",
             send_timeout=30,
+            # on SIGTERM sse-starlette cuts streams at once; let them finish inside uvicorn's 30 s drain
+            shutdown_grace_period=SSE_SHUTDOWN_GRACE_S,
         )
     return await _collect(request, chat, ex)
 
