@@ -235,14 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         if proc is not None:
             proc.terminate()
             result["exit_code"] = proc.wait(60)
-            if result["exit_code"] != 0 or result["crashes"]:
+            if result["exit_code"] not in (0, -15) or result["crashes"]:
                 result["server_log_tail"] = (Path(tmp) / "server.log").read_text(errors="replace")[-2000:]
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     failed = result["crashes"] or result["5xx"] or result["stream_error_events"] or result["transport_errors"] \
         or result.get("rows_in_progress_after") or result.get("acknowledged_ids_missing_in_log") \
-        or result.get("exit_code", 0) != 0
+        or result.get("exit_code", 0) not in (0, -15)  # -15: uvicorn re-raises SIGTERM (docs/reliability.md)
     return 1 if failed else 0
 
 

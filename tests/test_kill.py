@@ -20,13 +20,15 @@ import pytest
 
 from tests.conftest import ServerProcess, chat_body, publish_lora
 from tests.reliability import record
+from tests.test_adversarial import passive_omp
 
 pytestmark = pytest.mark.slow
 URL = "/v1/chat/completions"
 
 
-async def load(url: str, seconds: float, rng: random.Random) -> tuple[list[str], int]:
-    """Mixed traffic until `seconds`; returns acknowledged ids and the number of requests sent."""
+async def load(url: str, seconds: float, rng: random.Random) -> tuple[list[str], int, list[asyncio.Task]]:
+    """Start mixed traffic; after `seconds` return the acknowledged ids so far (the list keeps
+    growing until the tasks end), the number of requests sent, and the client tasks."""
     acked: list[str] = []
     sent = 0
     end = time.monotonic() + seconds
@@ -55,7 +57,7 @@ async def load(url: str, seconds: float, rng: random.Random) -> tuple[list[str],
 
     tasks = [asyncio.create_task(client(i)) for i in range(6)]
     await asyncio.sleep(seconds)
-    return acked, sent, tasks  # type: ignore[return-value]
+    return acked, sent, tasks
 
 
 def test_kill_9_under_load_in_a_loop(tmp_path: Path, model_path: Path, base_info) -> None:
@@ -71,8 +73,9 @@ def test_kill_9_under_load_in_a_loop(tmp_path: Path, model_path: Path, base_info
     for cycle in range(cycles):
         work = tmp_path / f"run{cycle}"
         work.mkdir()
-        srv = ServerProcess(work, model_path, db_path=db, adapters_dir=adapters, prompts_dir=tmp_path / "prompts",
-                            parallel=2, queue_max=8)
+        with passive_omp():
+            srv = ServerProcess(work, model_path, db_path=db, adapters_dir=adapters,
+                                prompts_dir=tmp_path / "prompts", parallel=2, queue_max=8)
         # rows left by the previous kill are interrupted now, never in_progress
         conn = sqlite3.connect(db)
         stuck_in_progress += conn.execute("SELECT count(*) FROM exchanges WHERE status = 'in_progress' AND "
