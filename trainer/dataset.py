@@ -21,17 +21,14 @@ This module owns turning data into training text and nothing else:
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
-import os
 import sqlite3
-import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -488,33 +485,12 @@ def split(items: Sequence[Item], val_fraction: float) -> tuple[list[Item], list[
 # Tokens and the report
 
 
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence C-level writes to stderr (fd 2) for the duration."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+def VocabTokenizer(model_path: Path) -> TokenCounter:  # noqa: N802 (reads as the class it returns)
+    """The base model's own token counter (trainer.llama_opt owns llama.cpp; imported lazily so
+    reading logs and configs never loads it)."""
+    from trainer.llama_opt import VocabTokenizer as _VocabTokenizer
 
-
-class VocabTokenizer:
-    """Counts tokens with the base model's own vocabulary (llama.cpp, vocab only: fast, no weights)."""
-
-    def __init__(self, model_path: Path) -> None:
-        from llama_cpp import Llama
-
-        with _quiet_stderr():  # llama.cpp prints a context warning even with verbose=False
-            self._llama = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
-
-    def __call__(self, text: str) -> int:
-        # as trainer.finetune tokenizes: special tokens parsed, nothing added (text is rendered)
-        return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+    return _VocabTokenizer(model_path)
 
 
 def _percentile(sorted_values: Sequence[int], q: float) -> int:

@@ -217,6 +217,30 @@ def _piece(vocab: ctypes.c_void_p, token: int) -> bytes:
     return buf.raw[:n]
 
 
+class VocabTokenizer:
+    """Counts tokens with a model's own vocabulary: the GGUF loaded vocab-only (no weights, fast).
+
+    Tokenizes as `trainer.finetune` does: special tokens parsed, nothing added (texts are rendered).
+    """
+
+    def __init__(self, model_path: Path, *, verbose: bool = False) -> None:
+        _backend(verbose)
+        mparams = llc.llama_model_default_params()
+        mparams.vocab_only = True
+        self.model = llc.llama_model_load_from_file(str(model_path).encode(), mparams)
+        if not self.model:
+            raise LlamaError(f"llama.cpp could not read the vocabulary of {model_path}")
+        self.vocab = llc.llama_model_get_vocab(self.model)
+
+    def __call__(self, text: str) -> int:
+        return len(_tokenize(self.vocab, text, add_special=False, parse_special=True))
+
+    def __del__(self) -> None:
+        if getattr(self, "model", None):
+            llc.llama_model_free(self.model)
+            self.model = None
+
+
 class _ModelHandle:
     """Owns a loaded llama_model, its vocab, and one llama_context; frees both on close()."""
 
