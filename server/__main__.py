@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import sys
 from pathlib import Path
 
 import uvicorn
@@ -33,6 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     level = str(overrides.pop("log_level"))
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(**overrides)  # type: ignore[arg-type]
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal so the default
+    # action would end the process with -15. A drained, clean stop is a success: exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=level,
                 timeout_graceful_shutdown=30)
 
