@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+# The 2-D matrices of a llama-architecture block that adapters carry by default (trainer and tests).
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 VERSION_FILE_RE = re.compile(r"^v([1-9][0-9]{0,8})\.json$")
 CURRENT_FILE = "CURRENT"

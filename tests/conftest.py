@@ -28,7 +28,7 @@ from scripts.fetch_model import fetch  # noqa: E402
 from server import registry  # noqa: E402
 from server.gguf_info import BaseModelInfo  # noqa: E402
 
-LORA_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+LORA_TARGETS = registry.DEFAULT_LORA_TARGETS
 
 
 @pytest.fixture(scope="session")

@@ -27,17 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-# The same list as trainer.llama_opt.DEFAULT_TARGETS (kept here so reading a config does not
-# load llama.cpp; tests/test_trainer_cli.py checks the two agree).
-DEFAULT_TARGETS: tuple[str, ...] = (
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
-)
+from server.registry import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS  # noqa: E402
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
 GATE_MODES = ("relative", "absolute")

@@ -44,16 +44,7 @@ LLAMA_LOAD_MODE_NONE = 0
 LLAMA_FLASH_ATTN_TYPE_DISABLED = 0
 OPTIMIZERS: dict[str, int] = {"adamw": 0, "sgd": 1}  # enum ggml_opt_optimizer_type
 
-# The 2-D matrices a LoRA adapter can carry in a llama-architecture block.
-DEFAULT_TARGETS: tuple[str, ...] = (
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
-)
+from server.registry import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS  # noqa: E402
 
 
 class LlamaError(RuntimeError):
