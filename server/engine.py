@@ -383,8 +383,9 @@ class Engine:
             stream=stream,
         )
         with self._lock:
+            # waiting requests first fill the free slots, then up to queue_max more may wait
             free = sum(1 for s in self.slots if s.run is None)
-            if len(self._pending) >= self.config.queue_max + max(0, free - len(self._pending)):
+            if len(self._pending) >= free + self.config.queue_max:
                 raise QueueFull(
                     f"the server is at capacity ({self.config.parallel} running, {len(self._pending)} queued); "
                     "retry shortly",
