@@ -165,6 +165,15 @@ def malformed_bodies() -> list[tuple[str, bytes]]:
     return out
 
 
+FEEDBACK_BAD: list[Any] = [
+    {}, {"response_id": "chatcmpl-nope", "rating": 1}, {"response_id": "x", "rating": 2},
+    {"response_id": "x", "rating": "up"}, {"response_id": "x", "rating": None}, {"response_id": "", "rating": 1},
+    {"response_id": "x" * 200, "rating": 1}, {"response_id": 5, "rating": 1}, {"response_id": "x", "rating": 1.5},
+    {"response_id": "x", "rating": 1, "corrected": "c" * 100_001}, {"response_id": "x", "rating": 1, "comment": 5},
+    {"response_id": "x", "rating": 1, "extra": True}, {"response_id": "\ud800", "rating": 1}, [], "x", None,
+]
+
+
 def test_malformed_bodies_are_all_4xx_and_the_canary_is_unchanged(server: ServerProcess) -> None:
     before = canary(server)
     bodies = malformed_bodies()
@@ -181,6 +190,12 @@ def test_malformed_bodies_are_all_4xx_and_the_canary_is_unchanged(server: Server
                 statuses[label] = 413 if label.startswith("oversized") else -1
                 if statuses[label] == -1:
                     raise AssertionError(f"{label}: {e!r}") from None
+        for i, fb in enumerate(FEEDBACK_BAD):
+            r = http.post("/v1/feedback", content=json.dumps(fb).encode(), headers={"content-type": "application/json"})
+            statuses[f"feedback[{i}]"] = r.status_code if set(r.json()) == {"error"} else -r.status_code
+        r = http.post("/v1/feedback", content=b"[" * 100_000 + b"]" * 100_000)
+        statuses["feedback-deep"] = r.status_code
+        bodies += [("feedback", b"")] * (len(FEEDBACK_BAD) + 1)
     fivexx = {k: v for k, v in statuses.items() if v >= 500}
     not4xx = {k: v for k, v in statuses.items() if not 400 <= v < 500}
     record("malformed", {"tried": len(bodies), "5xx": len(fivexx), "non_4xx": len(not4xx),
@@ -215,6 +230,11 @@ def test_hostile_but_valid_content_is_served_as_text(server: ServerProcess) -> N
     rows = wait_final(server.db_path, ids)
     assert set(rows) == set(ids), "a hostile message stopped the conversation log"
     assert "surrogate" in json.loads(rows[ids[2]]["messages"])[0]["content"]
+    body = json.dumps({"response_id": ids[2], "rating": -1, "comment": "bad \ud800", "corrected": "\udfff"})
+    with server.http() as http:  # pydantic refuses lone surrogates in plain str fields: a 400 is fine
+        assert http.post("/v1/feedback", content=body.encode(),
+                         headers={"content-type": "application/json"}).status_code == 400
+        assert http.post("/v1/feedback", json={"response_id": ids[2], "rating": 1}).status_code == 200
     assert canary(server)
 
 
@@ -346,6 +366,20 @@ def test_keys_are_needed_on_every_route_and_variant(fresh, monkeypatch) -> None:
                     "bad": bad[:20], "db_modes": modes})
     assert not bad, bad[:20]
     assert all(m == "0o600" for m in modes.values()), modes
+
+
+def test_cors_answers_only_configured_origins(fresh) -> None:
+    srv = fresh(cors_origins=["https://app.example"], api_keys=["sk-cors-1"])
+    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    with srv.http() as http:
+        ok = http.options(URL, headers={**pre, "Origin": "https://app.example"})
+        evil = http.options(URL, headers={**pre, "Origin": "https://evil.example"})
+        get_evil = http.get("/v1/models", headers={"Origin": "https://evil.example", "Authorization": "Bearer sk-cors-1"})
+        no_key = http.get("/v1/models", headers={"Origin": "https://app.example"})
+    assert ok.status_code == 204 and ok.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in evil.headers and evil.status_code >= 400
+    assert get_evil.headers.get("access-control-allow-origin") in (None, "")
+    assert no_key.status_code == 401  # CORS never replaces the key
 
 
 # ---------------------------------------------------------------------------------------------
