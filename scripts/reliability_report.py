@@ -198,6 +198,7 @@ The soak ran for {soak.get('seconds', 'n/a')} s, **not** 30 minutes: a 30-minute
    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
    uvicorn.run(...)
    ```
+   (checked: a wrapper doing exactly this around `server.__main__.main` exits 0 on SIGTERM.)
 2. **llama.cpp's OpenMP threads spin (engine).** With `n_threads` equal to the cores and any other
    CPU load, `llama_decode` slowed ~100x here: first request 47.8 s vs 0.3 s, four concurrent 32-token
    requests 101.9 s vs 1.3 s (same machine, minutes apart; `OMP_WAIT_POLICY=PASSIVE` or `n_threads=1`
@@ -210,7 +211,14 @@ The soak ran for {soak.get('seconds', 'n/a')} s, **not** 30 minutes: a 30-minute
    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning workers collapse on a shared CPU
    ```
    (measure tokens/s on a quiet machine with bench/bench_serve.py before and after).
-3. **`allowed_hosts` compares the whole Host header, port included** (Litestar): `CHAT_ALLOWED_HOSTS=
+3. **A `kill -9` can still drop an answered request's final status.** The log row is written by a
+   queue-fed thread; `finish()` is queued before the last bytes go out but not awaited, so a `kill -9`
+   in the few milliseconds between the answer and the commit leaves the row `in_progress`, marked
+   `interrupted` at the next start (the row and messages are kept; the answer text is not). The loop
+   above did not hit it in {k9.get('cycles', 'n/a')} cycles. Fix if it matters: await
+   `ConversationLog.flush()` (or a per-row event) in `ChatService.run` before the final chunk / body
+   (one fsync of latency per request).
+4. **`allowed_hosts` compares the whole Host header, port included** (Litestar): `CHAT_ALLOWED_HOSTS=
    example.com` refuses clients that send `Host: example.com:8000`. Documented behaviour of Litestar;
    the README should say "host[:port] as the client sends it".
 

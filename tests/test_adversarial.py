@@ -649,6 +649,7 @@ def test_disconnects_stop_generation_and_are_logged(fresh) -> None:
         rows = wait_final(srv.db_path, [rid])
         row = rows[rid]
         assert row["status"] == "client_disconnected", dict(row)
+        assert row["completion_tokens"] < 600  # generation stopped, it did not run to max_tokens
         return row["finished_at"] - t_disc
 
     for round_ in range(3):
