@@ -186,19 +186,12 @@ The soak ran for {soak.get('seconds', 'n/a')} s, **not** 30 minutes: a 30-minute
 | slow sender abandoning its body | logged as `ERROR HTTP 500` | logged at info, no error |
 | SIGTERM with streams in flight | sse-starlette cut every stream at once (no `[DONE]`, row not completed) | 25 s shutdown grace for SSE responses, inside uvicorn's 30 s drain |
 
-## Not fixed here (outside the files this work may change)
+## Found here, outside the files this work may change
 
-1. **Exit code after SIGTERM is -15, not 0.** Requests drain and rows commit, but uvicorn re-raises the
-   captured SIGTERM after its clean shutdown. The test marks this `xfail` (it turns into a failure to
-   remove once fixed). Proposed patch, `server/__main__.py`:
-
-   ```python
-   import signal, sys
-   # uvicorn restores this handler after a clean shutdown and re-raises the signal: exit 0 then
-   signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-   uvicorn.run(...)
-   ```
-   (checked: a wrapper doing exactly this around `server.__main__.main` exits 0 on SIGTERM.)
+1. **Exit code after SIGTERM** (found here, fixed by another engineer in 8fe22b0, `server/__main__.py`):
+   uvicorn re-raises the captured SIGTERM after draining, so the process ended with -15; a SIGTERM
+   handler that exits 0 fixes it. The SIGTERM test asserts exit 0 (measured above:
+   {g(fig, 'sigterm', 'exit_code')}).
 2. **llama.cpp's OpenMP threads spin (engine).** With `n_threads` equal to the cores and any other
    CPU load, `llama_decode` slowed ~100x here: first request 47.8 s vs 0.3 s, four concurrent 32-token
    requests 101.9 s vs 1.3 s (same machine, minutes apart; `OMP_WAIT_POLICY=PASSIVE` or `n_threads=1`
