@@ -59,7 +59,7 @@ class EngineConfig:
     n_threads: int = 2
     n_batch: int = 512
     queue_max: int = 64
-    turn_steps: int = 16  # steps an adapter group keeps the context while others wait
+    turn_steps: int = 48  # steps an adapter group keeps the context while others wait
     request_timeout_s: float = 300.0
 
 
