@@ -200,17 +200,21 @@ log = false
 PIRATE = "You are a pirate captain of the {{ ship }}. Always answer like a pirate, starting with 'Arr!'."
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory, model_path: Path, base_info: BaseModelInfo) -> Iterator[ServerProcess]:
-    """One server shared by read-only tests: adapters style-a (v1) and style-b (v1), five routes."""
-    work = tmp_path_factory.mktemp("shared-server")
+def start_shared_server(work: Path, model_path: Path, base_info: BaseModelInfo) -> ServerProcess:
+    """A server with adapters style-a (v1) and style-b (v1) and the SHARED_ROUTES, in `work`."""
     adapters = work / "adapters"
     adapters.mkdir()
     publish_lora(adapters, "style-a", base_info, seed=1, tmp=work)
     publish_lora(adapters, "style-b", base_info, seed=2, tmp=work)
     (work / "prompts").mkdir()
     write_routes(work / "prompts", SHARED_ROUTES, {"pirate.j2": PIRATE})
-    proc = ServerProcess(work, model_path, adapters_dir=adapters)
+    return ServerProcess(work, model_path, adapters_dir=adapters)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, model_path: Path, base_info: BaseModelInfo) -> Iterator[ServerProcess]:
+    """One server shared by read-only tests (see start_shared_server)."""
+    proc = start_shared_server(tmp_path_factory.mktemp("shared-server"), model_path, base_info)
     yield proc
     proc.stop()
 

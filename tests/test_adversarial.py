@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import shutil
 import signal
@@ -30,7 +29,7 @@ from server import registry
 from server.app import AUTH_ADMIN, AUTH_API, AUTH_PUBLIC, create_app
 from server.settings import Settings
 from tests import conftest
-from tests.conftest import PIRATE, SHARED_ROUTES, ServerProcess, chat_body, make_lora_file, publish_lora, write_routes
+from tests.conftest import ServerProcess, chat_body, make_lora_file, publish_lora, start_shared_server
 from tests.reliability import OpenWatch, db_rows, metric_series, percentile, raw_http, record, rss_kb, wait_final
 
 CANARY = chat_body("Name three colours.", max_tokens=16)
@@ -57,15 +56,8 @@ def passive_omp() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_path: Path, base_info) -> Iterator[ServerProcess]:
     """This module's shared server: adapters style-a and style-b, the shared routes."""
-    work = tmp_path_factory.mktemp("adversarial-server")
-    adapters = work / "adapters"
-    adapters.mkdir()
-    publish_lora(adapters, "style-a", base_info, seed=1, tmp=work)
-    publish_lora(adapters, "style-b", base_info, seed=2, tmp=work)
-    (work / "prompts").mkdir()
-    write_routes(work / "prompts", SHARED_ROUTES, {"pirate.j2": PIRATE})
     with passive_omp():
-        proc = ServerProcess(work, model_path, adapters_dir=adapters)
+        proc = start_shared_server(tmp_path_factory.mktemp("adversarial-server"), model_path, base_info)
     yield proc
     proc.stop()
 
