@@ -12,7 +12,7 @@ LLAMA_CMAKE_ARGS  := -DGGML_LLAMAFILE=OFF
 WHEELHOUSE ?= $(HOME)/.cache/adapter-chat/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-nollamafile
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: setup serve test test-slow bench clean
+.PHONY: setup serve test test-slow test-tools bench clean
 
 setup: $(VENV)/.installed $(MODEL)
 
@@ -38,7 +38,11 @@ $(MODEL): $(VENV)/.installed
 serve: setup
 	$(BIN)/python -m server $(ARGS)
 
-test: setup
+# Outside tools the tests drive (Debian chromium, promtool, ...): scripts/test-tools.d/
+test-tools: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/setup_test_tools.sh
+
+test: setup test-tools
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-slow: setup
