@@ -327,7 +327,7 @@ async def ready(request: Request) -> Response:
         problems.append("shutting down")
     if state.engine is None or not state.engine.alive:
         problems.append("model not loaded")
-    elif state.engine.stuck():
+    elif state.engine.stuck(state.settings.stuck_after_s):
         problems.append("generation worker stuck")
     if state.pool is None or not state.pool.scanned:
         problems.append("adapters not scanned")

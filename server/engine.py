@@ -213,7 +213,6 @@ class Engine:
         self._group_steps = 0
         self._group_last_ran: dict[AdapterSet, float] = {}
         self.heartbeat = time.monotonic()
-        self.busy = False
         self.model = None
         self.ctx = None
 
@@ -279,8 +278,12 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def stuck(self, threshold_s: float = 30.0) -> bool:
-        """True when the scheduler has work but has not finished a step for `threshold_s`."""
-        return self.busy and time.monotonic() - self.heartbeat > threshold_s
+        """True when the scheduler thread has not come round its loop for `threshold_s`.
+
+        An idle scheduler still comes round every 0.5 s, and one step (a prefill chunk of at most
+        `n_batch` tokens, or an adapter load) takes far less than the threshold, so a stale
+        heartbeat means the thread is blocked: in llama.cpp, in a command, or in a deadlock."""
+        return self.alive and time.monotonic() - self.heartbeat > threshold_s
 
     @property
     def queued(self) -> int:
@@ -407,7 +410,6 @@ class Engine:
                 worked = False
             self.heartbeat = time.monotonic()
             if not worked:
-                self.busy = False
                 self._wake.wait(0.5)
                 self._wake.clear()
         for slot in self.slots:
@@ -437,7 +439,6 @@ class Engine:
         runnable = [s for s in self.slots if s.run is not None]
         if not runnable:
             return False
-        self.busy = True
         group = self._choose_group(runnable)
         members = [s for s in runnable if s.run.req.adapters == group]
         switched = group != self._ctx_key

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when the request gives none.")
     queue_max: int = Field(64, ge=0, description="Requests waiting for a slot before 429.")
     request_timeout_s: float = Field(300, gt=0, description="Generation time cap per request.")
+    stuck_after_s: float = Field(30, gt=0, description="/ready turns 503 when the generation worker makes no progress this long.")
     max_loaded_adapters: int = Field(8, ge=1, description="Adapter versions kept loaded (LRU beyond).")
     adapter_watch_interval_s: float = Field(2.0, ge=0, description="Adapters dir poll interval (0 = off).")
     sse_ping_s: float = Field(15.0, gt=0, description="SSE keep-alive ping interval.")
