@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed
 PENALTY_LAST_N = 64
 PREFIX_WORTH_TOKENS = 64  # a cached prefix this long outweighs keeping adapter groups contiguous
+SHARE_WORTH_TOKENS = 32  # copy another slot's prefix when it saves at least this many tokens
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class EngineObserver(Protocol):
     def on_step(self, batch_tokens: int, decode_seqs: int, switched: bool) -> None: ...
     def on_admit(self, queue_wait_s: float, cached_tokens: int) -> None: ...
     def on_turn_end(self, steps: int) -> None: ...
+    def on_prefix_copy(self, tokens: int) -> None: ...
 
 
 class _NullObserver:
@@ -118,6 +120,9 @@ class _NullObserver:
         pass
 
     def on_turn_end(self, steps: int) -> None:
+        pass
+
+    def on_prefix_copy(self, tokens: int) -> None:
         pass
 
 
@@ -500,7 +505,36 @@ class Engine:
             n_keep = 0
         best.kv_tokens = best.kv_tokens[:n_keep]
         best.kv_key = req.adapters
-        return best, n_keep
+        return best, self._borrow_prefix(best, req, n_keep)
+
+    def _borrow_prefix(self, slot: _Slot, req: _Request, n_keep: int) -> int:
+        """Copy a longer prefix of `req.prompt` into `slot` from another slot's KV, if one holds it.
+
+        The common case is a system prompt shared by many conversations: it is computed once and
+        copied, not recomputed in every slot. Only KV computed under the same adapter set is ever
+        copied. With one KV buffer per slot llama.cpp copies the donor's whole buffer at the start of
+        the next llama_decode (before that batch writes anything) and the tail past the prefix is
+        dropped here, so a donor that is itself running, or that was just handed to another request,
+        still gives the right prefix: its cells below the prefix length are never rewritten.
+        """
+        limit = len(req.prompt) - 1  # the last prompt token is always decoded for logits
+        donor, best = None, n_keep
+        for other in self.slots:
+            if other is slot or other.kv_key != req.adapters:
+                continue
+            n = min(_common_prefix(other.kv_tokens, req.prompt), limit)
+            if n > best:
+                donor, best = other, n
+        if donor is None or best - n_keep < SHARE_WORTH_TOKENS:
+            return n_keep
+        C.llama_memory_seq_cp(self.mem, donor.idx, slot.idx, -1, -1)
+        if not C.llama_memory_seq_rm(self.mem, slot.idx, best, -1):
+            C.llama_memory_seq_rm(self.mem, slot.idx, -1, -1)
+            slot.kv_tokens = []
+            return 0
+        slot.kv_tokens = donor.kv_tokens[:best]
+        self.observer.on_prefix_copy(best)
+        return best
 
     def _make_chain(self, p: SamplingParams) -> Any:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())

@@ -84,6 +84,8 @@ class Metrics:
         self.queue_wait = Histogram("engine_queue_wait_seconds", "Wait for a slot", buckets=LATENCY_BUCKETS,
                                     registry=r)
         self.cached_tokens = Counter("engine_prefix_cache_hit_tokens", "Prompt tokens reused from KV", registry=r)
+        self.prefix_copies = Counter("engine_prefix_copies", "Prompt prefixes copied from another slot's KV",
+                                     registry=r)
         self.switches = Counter("engine_adapter_set_switches", "Adapter-set changes between steps", registry=r)
         self.steps = Counter("engine_steps", "llama_decode steps", registry=r)
         self.group_turns = Histogram("engine_adapter_group_turn_steps", "Steps an adapter set kept the context",
@@ -107,6 +109,9 @@ class Metrics:
 
     def on_turn_end(self, steps: int) -> None:
         self.group_turns.observe(steps)
+
+    def on_prefix_copy(self, tokens: int) -> None:
+        self.prefix_copies.inc()
 
     # adapter pool observer
     def adapter_loaded(self, name: str) -> None:

@@ -154,3 +154,53 @@ def test_user_text_is_never_parsed_as_control_tokens(model_path, template) -> No
         assert typed.count(im_end[0]) == 2  # system turn + user turn ends, nothing from the user
     finally:
         eng.close()
+
+
+SHARED_SYSTEM = ("You are the support assistant of a small bakery. Answer in one short sentence, politely, "
+                 "and never invent prices, opening hours or products that you were not told about.")
+
+
+async def generate_chat(eng: Engine, template: ChatTemplate, system: str, user: str, adapters=(),
+                        max_tokens: int = 24) -> tuple[str, TokenEvent]:
+    tokens = eng.tokenize(template.render_segments([{"role": "system", "content": system},
+                                                    {"role": "user", "content": user}]))
+    stream = eng.submit(tokens, SamplingParams(max_tokens=max_tokens, temperature=0.0), adapters)
+    text = ""
+    async for event in stream:
+        text += event.text
+        if event.final:
+            return text, event
+    raise AssertionError("stream ended without a final event")
+
+
+def test_a_shared_system_prompt_is_copied_between_slots_without_changing_answers(engine8, template, loras) -> None:
+    """Eight conversations share a system prompt: it is computed once, copied into the other slots
+    (reported as cached tokens), and every answer equals the one computed from scratch. A prefix
+    computed under adapter A is never copied into a request on adapter B."""
+    questions = [f"Question {i}: do you sell {food}?" for i, food in
+                 enumerate(["rye bread", "croissants", "cakes", "coffee", "bagels", "pies", "muffins", "tea"])]
+
+    async def run() -> None:
+        a = await engine8.load_adapter(loras[0])
+        b = await engine8.load_adapter(loras[1])
+        fresh = []
+        for q in questions:
+            engine8_clear(engine8)
+            fresh.append((await generate_chat(engine8, template, SHARED_SYSTEM, q))[0])
+        engine8_clear(engine8)
+        await generate_chat(engine8, template, SHARED_SYSTEM, "Hello!")  # one slot now holds the system prompt
+        shared = await asyncio.gather(*[generate_chat(engine8, template, SHARED_SYSTEM, q) for q in questions])
+        assert [t for t, _ in shared] == fresh
+        assert all(ev.cached_tokens >= 32 for _, ev in shared), [ev.cached_tokens for _, ev in shared]
+
+        # adapter sets: the slots now hold base KV of the system prompt; a request on B copies nothing
+        engine8_clear(engine8)
+        b_fresh, _ = await generate_chat(engine8, template, SHARED_SYSTEM, questions[0], ((b, 1.0),))
+        engine8_clear(engine8)
+        await generate_chat(engine8, template, SHARED_SYSTEM, "Hello!", ((a, 1.0),))
+        await generate_chat(engine8, template, SHARED_SYSTEM, "Hello!")
+        b_after, ev = await generate_chat(engine8, template, SHARED_SYSTEM, questions[0], ((b, 1.0),))
+        assert ev.cached_tokens == 0
+        assert b_after == b_fresh
+
+    asyncio.run(run())
