@@ -12,17 +12,22 @@ import asyncio
 import hmac
 import json
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, Request, Response, get, post
 from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
-from litestar.exceptions import HTTPException
+from litestar.datastructures import CacheControlHeader
+from litestar.exceptions import HTTPException, NotFoundException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.response.base import ASGIResponse
+from litestar.router import Router
+from litestar.static_files import create_static_files_router
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 from litestar.types import ASGIApp
 from pydantic import BaseModel, ValidationError
@@ -47,11 +52,19 @@ from server.gguf_info import BaseModelInfo
 from server.metrics import Metrics
 from server.routes import RouteTable
 from server.settings import Settings
-from server.store import ConversationLog, connect
+from server.store import ConversationLog, connect, recent_trainer_runs
 
 log = logging.getLogger(__name__)
 
 AUTH_PUBLIC, AUTH_API, AUTH_ADMIN = "public", "api", "admin"
+PLAYGROUND_DIR = Path(__file__).resolve().parent / "playground"
+# The playground page holds no data but keeps an API key in the browser: only our own files may run.
+PLAYGROUND_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 SSE_SHUTDOWN_GRACE_S = 25.0  # below uvicorn's timeout_graceful_shutdown (30 s, server/__main__.py)
 
 
@@ -173,6 +186,14 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
         raise InvalidRequest(message, param=param) from None
     except RecursionError:
         raise InvalidRequest("the body is nested too deeply") from None
+
+
+def _query(request: Request, model: type[BaseModel]) -> Any:
+    try:
+        return model.model_validate(dict(request.query_params.items()))
+    except ValidationError as e:
+        message, param = protocol.describe_validation_error(e)
+        raise InvalidRequest(message, param=param) from None
 
 
 # ------------------------------------------------------------------ handlers
@@ -314,6 +335,27 @@ def _exchange_route(clog: ConversationLog, response_id: str) -> tuple[str, str] 
     return (row[0], row[1]) if row else None
 
 
+@get("/v1/runs", opt={"auth": AUTH_API})
+async def list_runs(request: Request) -> dict[str, Any]:
+    q = _query(request, protocol.RunsQuery)
+    rows = await asyncio.to_thread(_trainer_runs, _state(request).settings.db_path, q.limit, q.adapter)
+    return {"object": "list", "data": [protocol.trainer_run(r) for r in rows]}
+
+
+def _trainer_runs(db_path: Path, limit: int, adapter: str | None) -> list[dict[str, Any]]:
+    if not db_path.is_file():
+        return []  # no log yet: the trainer has not run against this database
+    conn = connect(db_path, readonly=True)
+    try:
+        return recent_trainer_runs(conn, limit=limit, adapter=adapter)
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):  # a log file older than the trainer_runs migration
+            return []
+        raise
+    finally:
+        conn.close()
+
+
 @get("/health", opt={"auth": AUTH_PUBLIC})
 async def health() -> dict[str, str]:
     return {"status": "ok"}
@@ -343,7 +385,30 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-HANDLERS = [chat_completions, list_models, list_adapters, reload_adapters, feedback, health, ready, metrics]
+HANDLERS = [chat_completions, list_models, list_adapters, reload_adapters, feedback, list_runs, health, ready, metrics]
+
+
+def playground_router() -> Router:
+    """GET /playground: the static browser UI (server/playground/). Public: the page holds no data,
+    and every call it makes goes to the API with the key the user types in."""
+
+    shipped = frozenset(p.name for p in PLAYGROUND_DIR.iterdir() if p.is_file()) if PLAYGROUND_DIR.is_dir() else ()
+
+    async def shipped_files_only(request: Request) -> None:
+        # files are served by exact name; no other spelling (dot segments, NUL bytes) reaches the disk
+        name = str(request.path_params.get("file_path", "")).strip("/")
+        if name and name not in shipped:
+            raise NotFoundException()
+
+    async def security_headers(response: Any) -> Any:
+        response.headers.update(PLAYGROUND_HEADERS)
+        return response
+
+    return create_static_files_router(
+        "/playground", [PLAYGROUND_DIR], html_mode=True, name="playground", opt={"auth": AUTH_PUBLIC},
+        cache_control=CacheControlHeader(no_cache=True), before_request=shipped_files_only,
+        after_request=security_headers,
+    )
 
 
 # ------------------------------------------------------------------ app factory
@@ -373,7 +438,7 @@ def create_app(settings: Settings) -> Litestar:
 
     cors = CORSConfig(allow_origins=settings.cors_origins) if settings.cors_origins else None
     app = Litestar(
-        route_handlers=HANDLERS,
+        route_handlers=[*HANDLERS, playground_router()],
         lifespan=[lifespan],
         guards=[auth_guard],
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},

@@ -134,6 +134,14 @@ class FeedbackRequest(BaseModel):
     comment: str | None = Field(None, max_length=10_000)
 
 
+class RunsQuery(BaseModel):
+    """GET /v1/runs query string: the newest `limit` trainer runs, optionally of one adapter."""
+
+    model_config = ConfigDict(extra="ignore")
+    limit: int = Field(20, ge=1, le=200)
+    adapter: str | None = Field(None, min_length=1, max_length=64)
+
+
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal", "tagged-union"}
 
 
@@ -231,3 +239,27 @@ def model_card(id_: str, owned_by: str, parent: str | None = None, **extra: Any)
     card.update(extra)
     return card
 
+
+def trainer_run(row: dict[str, Any]) -> dict[str, Any]:
+    """One `trainer_runs` row on the wire (GET /v1/runs).
+
+    The evaluation's greedy samples are left out: they are held-out prompts from users'
+    conversations, which an API key does not otherwise give access to. Their count stays.
+    """
+    metrics = dict(row.get("metrics") or {})
+    ev = metrics.get("eval")
+    if isinstance(ev, dict) and "samples" in ev:
+        samples = ev["samples"]
+        metrics["eval"] = {k: v for k, v in ev.items() if k != "samples"}
+        metrics["eval"]["n_samples"] = len(samples) if isinstance(samples, list) else 0
+    return {
+        "object": "trainer.run",
+        "id": row["id"],
+        "adapter": row["adapter"],
+        "started_at": row["started_at"],
+        "finished_at": row["finished_at"],
+        "status": row["status"],
+        "version": row["version"],
+        "reason": row["reason"],
+        "metrics": metrics,
+    }

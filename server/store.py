@@ -175,6 +175,26 @@ def last_trainer_runs(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     return out
 
 
+def recent_trainer_runs(conn: sqlite3.Connection, *, limit: int = 20, adapter: str | None = None) -> list[dict[str, Any]]:
+    """The newest `limit` runs, newest first, optionally of one adapter (read by GET /v1/runs)."""
+    sql = "SELECT id, adapter, started_at, finished_at, status, version, reason, metrics FROM trainer_runs"
+    args: list[Any] = []
+    if adapter is not None:
+        sql += " WHERE adapter = ?"
+        args.append(adapter)
+    rows = conn.execute(sql + " ORDER BY id DESC LIMIT ?", [*args, limit]).fetchall()
+    keys = ("id", "adapter", "started_at", "finished_at", "status", "version", "reason", "metrics")
+    out = []
+    for row in rows:
+        d = dict(zip(keys, row))
+        try:
+            d["metrics"] = json.loads(d["metrics"]) if d["metrics"] else {}
+        except ValueError:  # a run row is written by another process; never let one bad row hide the rest
+            d["metrics"] = {}
+        out.append(d)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The server's writer
 

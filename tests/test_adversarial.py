@@ -279,7 +279,9 @@ def test_prompt_over_the_context_is_400_before_any_stream_byte(server: ServerPro
 # 2. auth
 
 DECISIONS = {AUTH_PUBLIC, AUTH_API, AUTH_ADMIN, "metrics"}
-PUBLIC_PATHS = {"/health", "/ready"}
+# /playground serves static files only (server/playground/: HTML, JS, CSS, no data); every call the
+# page makes goes to the API routes below, which need the key the user types into it.
+PUBLIC_PATHS = {"/health", "/ready", "/playground", "/playground/{file_path:path}"}
 
 
 def declared_routes() -> list[tuple[str, str, str]]:
