@@ -35,7 +35,7 @@
 
   // ------------------------------------------------------------------ API key and calls
 
-  const state = { key: "", connected: false, models: [], busy: false, controller: null };
+  const state = { key: "", connected: false, models: [], busy: false, controller: null, retry: null };
 
   function loadKey() {
     const remembered = localStorage.getItem(KEY_STORAGE);
@@ -493,7 +493,8 @@
 
   // ------------------------------------------------------------------ connecting
 
-  async function connect() {
+  async function connect(retries = 30) {
+    clearTimeout(state.retry);
     state.connected = false;
     setBusy(state.busy);
     setStatus("Connecting…");
@@ -514,6 +515,9 @@
       if (!$("#view-adapters").hidden) loadAdapters();
     } catch (err) {
       setStatus(`Not connected: ${describeError(err)}`, "error");
+      if (err instanceof ApiError && err.status === 503 && retries > 0) {
+        state.retry = setTimeout(() => connect(retries - 1), 2000); // the model is still loading
+      }
     }
     setBusy(state.busy);
   }
