@@ -49,7 +49,12 @@ log = logging.getLogger(__name__)
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed
 PENALTY_LAST_N = 64
 PREFIX_WORTH_TOKENS = 64  # a cached prefix this long outweighs keeping adapter groups contiguous
-SHARE_WORTH_TOKENS = 32  # copy another slot's prefix when it saves at least this many tokens
+# Copy another slot's prefix when that saves more prefill than the copy costs. llama.cpp copies the
+# donor's whole KV buffer: bench/kv_copy_cost.py measured +2 ms on the next decode for 1,024 tokens
+# per slot and +6 ms for 4,096 (SmolLM2-135M), i.e. about one prefilled token per 512-1,024 tokens
+# of context per slot; the bar below keeps a wide margin.
+SHARE_WORTH_TOKENS = 16
+SHARE_CTX_PER_TOKEN = 256
 
 
 @dataclass(frozen=True)
@@ -525,7 +530,7 @@ class Engine:
             n = min(_common_prefix(other.kv_tokens, req.prompt), limit)
             if n > best:
                 donor, best = other, n
-        if donor is None or best - n_keep < SHARE_WORTH_TOKENS:
+        if donor is None or best - n_keep < max(SHARE_WORTH_TOKENS, self.n_ctx_seq // SHARE_CTX_PER_TOKEN):
             return n_keep
         C.llama_memory_seq_cp(self.mem, donor.idx, slot.idx, -1, -1)
         if not C.llama_memory_seq_rm(self.mem, slot.idx, best, -1):
