@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
-import shutil
 import stat
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +49,8 @@ __all__ = [
     "resolve",
     "rollback",
     "scan",
+    "set_current",
+    "set_fault_hook",
     "sha256_file",
     "validate_lora_file",
     "validate_name",
@@ -61,6 +63,8 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = ("attn_q", "attn_k", "attn_v", "attn_out
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 VERSION_FILE_RE = re.compile(r"^v([1-9][0-9]{0,8})\.json$")
 CURRENT_FILE = "CURRENT"
+
+log = logging.getLogger(__name__)
 
 
 class RegistryError(ValueError):
@@ -412,6 +416,39 @@ def write_lora_gguf(
 # ---------------------------------------------------------------------------------------------
 # Publishing (the trainer's side)
 
+# The step boundaries of `publish_version`, in order (docs/adapter-format.md, "Publishing protocol").
+# A crash between any two of them leaves the folder in a state the server reads correctly; the
+# crash-consistency tests (tests/test_publish_faults.py) kill a real publisher at each one.
+PUBLISH_STEPS: tuple[str, ...] = (
+    "locked",                # lock held, leftovers cleaned, version number chosen; nothing written
+    "weights_tmp_partial",   # .v<N>.gguf.tmp half written, not synced
+    "weights_tmp_synced",    # .v<N>.gguf.tmp complete and fsynced, not renamed
+    "weights_renamed",       # v<N>.gguf in place without a manifest: invisible
+    "manifest_tmp_synced",   # .v<N>.json.tmp fsynced, not renamed
+    "manifest_renamed",      # v<N>.json in place: the version is complete (CURRENT still names the old one)
+    "current_tmp_synced",    # .CURRENT.tmp fsynced, not renamed
+    "current_renamed",       # CURRENT names v<N>: the new version is current
+    "pruning",               # prune under way: an old version's manifest is gone, its weights not yet
+    "done",                  # pruned, folder fsynced, lock about to be released
+)  # fmt: skip
+
+_fault_hook: Callable[[str], None] | None = None
+
+
+def set_fault_hook(hook: Callable[[str], None] | None) -> None:
+    """Call `hook(step)` at each publishing step boundary (PUBLISH_STEPS); None switches it off.
+
+    A test seam for crash-consistency tests, which install a hook that SIGKILLs the process at
+    one step. Inert unless installed: nothing in the server or trainer installs one.
+    """
+    global _fault_hook
+    _fault_hook = hook
+
+
+def _step(name: str) -> None:
+    if _fault_hook is not None:
+        _fault_hook(name)
+
 
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
@@ -421,22 +458,38 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_bytes(target: Path, data: bytes) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
+def _tmp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp")
+
+
+def _write_synced(tmp: Path, chunks: Iterator[bytes], *, partial_step: str | None = None) -> None:
+    """Write `chunks` to `tmp` and fsync it; `partial_step` marks the point after the first chunk."""
     with open(tmp, "wb") as f:
-        f.write(data)
+        for i, chunk in enumerate(chunks):
+            f.write(chunk)
+            if i == 0 and partial_step:
+                f.flush()
+                _step(partial_step)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, target)
 
 
-def _atomic_copy(src: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-        fout.flush()
-        os.fsync(fout.fileno())
+def _file_chunks(src: Path, size: int = 1 << 20) -> Iterator[bytes]:
+    with open(src, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
+
+
+def _commit(tmp: Path, target: Path, folder: Path) -> None:
+    """Rename into place and fsync the folder, so each rename is durable before the next step."""
     os.replace(tmp, target)
+    _fsync_dir(folder)
+
+
+def _atomic_write_bytes(target: Path, data: bytes) -> None:
+    tmp = _tmp_name(target)
+    _write_synced(tmp, iter([data]))
+    _commit(tmp, target, target.parent)
 
 
 @contextmanager
@@ -447,6 +500,25 @@ def _locked(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _clean_leftovers(folder: Path) -> list[str]:
+    """Under the lock: remove what a killed publisher left (temp files, weights without a manifest).
+
+    Nobody else writes in the folder while we hold the lock, so such files can only be leftovers.
+    """
+    removed = []
+    manifests = set(_version_numbers(folder))
+    for entry in os.listdir(folder):
+        orphan = re.fullmatch(r"v([1-9][0-9]{0,8})\.gguf", entry)
+        leftover_tmp = entry.startswith(".") and entry.endswith(".tmp")
+        if leftover_tmp or (orphan and int(orphan.group(1)) not in manifests):
+            try:
+                (folder / entry).unlink()
+                removed.append(entry)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def publish_version(
@@ -466,39 +538,83 @@ def publish_version(
     targets: list[str] | None = None,
     keep: int = 5,
 ) -> Manifest:
-    """Publish `gguf_path` as the next version of `name`, atomically, and make it current."""
+    """Publish `gguf_path` as the next version of `name`, atomically, and make it current.
+
+    On an error (a full disk, an I/O error) the folder is put back as it was and the error is
+    raised: the old version stays current. A process killed at any point leaves either the old
+    version current, or the new one complete (and current once CURRENT was renamed); the next
+    publish removes what the killed one left.
+    """
     folder = _folder(adapters_dir, name)
     folder.mkdir(parents=True, exist_ok=True)
     with _locked(folder):
+        _clean_leftovers(folder)
         existing = _version_numbers(folder)
         version = (max(existing) if existing else 0) + 1
         if parent_version is None:
             cur = _pick_current(folder, _complete_refs(folder, False, None, []))
             parent_version = cur.version if cur else None
         target = folder / f"v{version}.gguf"
-        _atomic_copy(Path(gguf_path), target)
-        manifest = Manifest(
-            name=name,
-            version=version,
-            file=target.name,
-            sha256=sha256_file(target),
-            base_model_sha256=base_model_sha256,
-            base_model_name=base_model_name,
-            architecture=architecture,
-            rank=rank,
-            alpha=alpha,
-            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            parent_version=parent_version,
-            metrics=metrics or {},
-            data_window=data_window or {},
-            hyperparameters=hyperparameters or {},
-            targets=targets or [],
-        )
-        _atomic_write_bytes(folder / f"v{version}.json", manifest.model_dump_json(indent=2).encode())
-        _atomic_write_bytes(folder / CURRENT_FILE, f"{version}\n".encode())
-        _fsync_dir(folder)
-        _prune(folder, keep=keep, current=version)
+        manifest_path = folder / f"v{version}.json"
+        _step("locked")
+        committed = False  # True once CURRENT names the new version: from then on the publish stands
+        try:
+            _write_synced(_tmp_name(target), _file_chunks(Path(gguf_path)), partial_step="weights_tmp_partial")
+            _step("weights_tmp_synced")
+            _commit(_tmp_name(target), target, folder)
+            _step("weights_renamed")
+            manifest = Manifest(
+                name=name,
+                version=version,
+                file=target.name,
+                sha256=sha256_file(target),
+                base_model_sha256=base_model_sha256,
+                base_model_name=base_model_name,
+                architecture=architecture,
+                rank=rank,
+                alpha=alpha,
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                parent_version=parent_version,
+                metrics=metrics or {},
+                data_window=data_window or {},
+                hyperparameters=hyperparameters or {},
+                targets=targets or [],
+            )
+            _write_synced(_tmp_name(manifest_path), iter([manifest.model_dump_json(indent=2).encode()]))
+            _step("manifest_tmp_synced")
+            _commit(_tmp_name(manifest_path), manifest_path, folder)
+            _step("manifest_renamed")
+            current = folder / CURRENT_FILE
+            _write_synced(_tmp_name(current), iter([f"{version}\n".encode()]))
+            _step("current_tmp_synced")
+            _commit(_tmp_name(current), current, folder)
+            committed = True
+            _step("current_renamed")
+        except BaseException:
+            if not committed:
+                _undo_publish(folder, version)
+            raise
+        try:
+            _prune(folder, keep=keep, current=version)
+        except OSError as e:  # housekeeping: the new version is published and current either way
+            log.warning("publish %s@%d: pruning old versions failed: %s", name, version, e)
+        _step("done")
     return manifest
+
+
+def _undo_publish(folder: Path, version: int) -> None:
+    """A publish failed before CURRENT named the new version: remove every trace of it (manifest
+    first, so the version stops being complete before its weights go)."""
+    for path in (folder / f"v{version}.json", folder / f"v{version}.gguf", _tmp_name(folder / f"v{version}.json"),
+                 _tmp_name(folder / f"v{version}.gguf"), _tmp_name(folder / CURRENT_FILE)):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass  # the next publish cleans leftovers under the lock
+    try:
+        _fsync_dir(folder)
+    except OSError:
+        pass
 
 
 def _prune(folder: Path, *, keep: int, current: int) -> None:
@@ -507,29 +623,39 @@ def _prune(folder: Path, *, keep: int, current: int) -> None:
     for v in doomed:
         # manifest first: the version stops being complete before its weights go
         (folder / f"v{v}.json").unlink(missing_ok=True)
+        _step("pruning")
         (folder / f"v{v}.gguf").unlink(missing_ok=True)
-    if doomed:
-        _fsync_dir(folder)
+    _fsync_dir(folder)
 
 
 def set_current(adapters_dir: Path, name: str, version: int) -> None:
     """Point `name` at one of its complete versions."""
     folder = _folder(adapters_dir, name)
     with _locked(folder):
-        _read_manifest(folder, version, verify=True, sha_cache=None)
-        _atomic_write_bytes(folder / CURRENT_FILE, f"{version}\n".encode())
-        _fsync_dir(folder)
+        _set_current_locked(folder, version)
+
+
+def _set_current_locked(folder: Path, version: int) -> None:
+    _read_manifest(folder, version, verify=True, sha_cache=None)
+    _atomic_write_bytes(folder / CURRENT_FILE, f"{version}\n".encode())
 
 
 def rollback(adapters_dir: Path, name: str) -> int:
-    """Make the complete version before the current one current; return it."""
+    """Make the complete version before the current one current; return it.
+
+    Decided and written under the publishing lock, so a publish running at the same time cannot
+    slip a new version in between.
+    """
     folder = _folder(adapters_dir, name)
-    refs = _complete_refs(folder, True, None, [])
-    cur = _pick_current(folder, refs)
-    if cur is None:
-        raise VersionNotFound(f"adapter {name!r} has no complete version")
-    older = [r.version for r in refs if r.version < cur.version]
-    if not older:
-        raise VersionNotFound(f"adapter {name!r} has no version before {cur.version} to roll back to")
-    set_current(adapters_dir, name, older[-1])
+    if not folder.is_dir() or folder.is_symlink():
+        raise VersionNotFound(f"adapter {name!r} not found")
+    with _locked(folder):
+        refs = _complete_refs(folder, True, None, [])
+        cur = _pick_current(folder, refs)
+        if cur is None:
+            raise VersionNotFound(f"adapter {name!r} has no complete version")
+        older = [r.version for r in refs if r.version < cur.version]
+        if not older:
+            raise VersionNotFound(f"adapter {name!r} has no version before {cur.version} to roll back to")
+        _set_current_locked(folder, older[-1])
     return older[-1]
