@@ -144,8 +144,8 @@ class GenerationStream:
         self._done = False
         self._engine: Engine | None = None
 
-    def _push(self, event: TokenEvent) -> None:  # engine thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+    def _deliver(self, event: TokenEvent) -> None:  # event loop thread
+        self._queue.put_nowait(event)
 
     def cancel(self) -> None:
         """Stop generating; the slot is freed at the next scheduler step."""
@@ -198,6 +198,11 @@ class _Slot:
     last_used: float = 0.0
 
 
+def _deliver_all(items: list[tuple[GenerationStream, TokenEvent]]) -> None:  # event loop thread
+    for stream, event in items:
+        stream._deliver(event)
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -223,6 +228,7 @@ class Engine:
         self._group_steps = 0
         self._group_last_ran: dict[AdapterSet, float] = {}
         self.heartbeat = time.monotonic()
+        self._outbox: list[tuple[GenerationStream, TokenEvent]] = []
         self.model = None
         self.ctx = None
 
@@ -410,6 +416,24 @@ class Engine:
 
     # ------------------------------------------------------------------ scheduler thread
 
+    def _emit(self, stream: GenerationStream, event: TokenEvent) -> None:
+        self._outbox.append((stream, event))
+
+    def _flush(self) -> None:
+        """Hand this step's events to their event loops: one cross-thread wake-up per loop and step,
+        not one per token (each wake-up is a write to the loop's self-pipe)."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationStream, TokenEvent]]] = {}
+        for stream, event in self._outbox:
+            by_loop.setdefault(stream._loop, []).append((stream, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_all, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                pass
+
     def _loop(self) -> None:
         while not self._stop:
             try:
@@ -418,6 +442,7 @@ class Engine:
                 log.exception("engine step failed")
                 self._fail_all("internal engine error")
                 worked = False
+            self._flush()
             self.heartbeat = time.monotonic()
             if not worked:
                 self._wake.wait(0.5)
@@ -425,6 +450,7 @@ class Engine:
         for slot in self.slots:
             if slot.run is not None:
                 self._finish(slot, error="server shutting down")
+        self._flush()
 
     def _run_commands(self) -> None:
         while True:
@@ -466,7 +492,7 @@ class Engine:
                     return
                 req = self._pending.popleft()
             if req.stream.cancelled:
-                req.stream._push(TokenEvent(finish_reason="cancelled", prompt_tokens=len(req.prompt)))
+                self._emit(req.stream, TokenEvent(finish_reason="cancelled", prompt_tokens=len(req.prompt)))
                 continue
             slot, n_keep = self._pick_slot(free, req)
             chain = self._make_chain(req.params)
@@ -667,7 +693,7 @@ class Engine:
         hold = self._holdback(run.text, stops) if stops else 0
         upto = len(run.text) - hold
         if upto > run.emitted:
-            run.req.stream._push(TokenEvent(text=run.text[run.emitted:upto]))
+            self._emit(run.req.stream, TokenEvent(text=run.text[run.emitted:upto]))
             run.emitted = upto
         run.next_token = tok
 
@@ -685,7 +711,7 @@ class Engine:
     def _emit_rest(self, slot: _Slot) -> None:
         run = slot.run
         if len(run.text) > run.emitted:
-            run.req.stream._push(TokenEvent(text=run.text[run.emitted:]))
+            self._emit(run.req.stream, TokenEvent(text=run.text[run.emitted:]))
             run.emitted = len(run.text)
 
     def _finish(self, slot: _Slot, *, finish_reason: str | None = None, error: str | None = None) -> None:
@@ -693,7 +719,8 @@ class Engine:
         slot.run = None
         slot.last_used = time.monotonic()
         C.llama_sampler_free(run.chain)
-        run.req.stream._push(
+        self._emit(
+            run.req.stream,
             TokenEvent(
                 finish_reason=finish_reason,
                 error=error,
