@@ -14,6 +14,9 @@ Parts:
             tests/conftest.py `publish_lora`), streamed with an async httpx client.
 3. llama  - llama-server built by bench/llama_server.sh, `--parallel P -t T -c P*n_ctx`, the same
             adapters preloaded with `--lora ... --lora-init-without-apply` and chosen per request.
+4. lcp    - llama-cpp-python's own server (`python -m llama_cpp.server`, venv made by
+            bench/lcp_server.sh from the same llama-cpp-python wheel), default settings plus the same
+            threads and context. It has no per-request adapters, so only the base-model scenarios run.
 
 Client measurements (same for both servers): single-stream TTFT and decode tok/s (tokens after the
 first / time after the first token); aggregate tok/s at each `--clients` level; 8 clients all on adapter A
@@ -200,6 +203,7 @@ class Server:
     """A server subprocess on 127.0.0.1; `body(model_kind)` adapts a request to it."""
 
     name = "server"
+    per_request_adapters = True
 
     def __init__(self, argv: list[str], env: dict[str, str], port: int, log: Path, ready_path: str) -> None:
         self.url = f"http://127.0.0.1:{port}"
@@ -252,6 +256,15 @@ class LlamaServer(Server):
         if adapter:
             out["lora"] = [{"id": self.LORA_IDS[adapter], "scale": 1.0}]
         return out
+
+
+class LcpServer(Server):
+    name = "llama-cpp-python"
+    per_request_adapters = False
+
+    def adapt(self, body: dict[str, Any], adapter: str | None) -> dict[str, Any]:
+        assert adapter is None, "llama-cpp-python's server has no per-request adapters"
+        return {**body, "model": "base"}
 
 
 # ---------------------------------------------------------------------------------------- client
@@ -317,6 +330,8 @@ async def stream_chat(client: httpx.AsyncClient, srv: Server, messages: list[dic
         res.prompt_tokens = int(usage.get("prompt_tokens", 0))
         res.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0) or 0)
     res.ok = bool(parts)
+    if not parts:
+        res.error = "the stream ended without any content (cut off by the server?)"
     return res
 
 
@@ -378,7 +393,7 @@ async def measure(srv: Server, a: argparse.Namespace, deadline: float) -> dict[s
     listed under "skipped"), so a slow machine still yields the scenarios that finished."""
     res: dict[str, Any] = {"uptime_start": uptime(), "skipped": []}
     async with httpx.AsyncClient(timeout=60) as client:  # warm-up: base and both adapters loaded
-        for ad in (None, "bench-a", "bench-b"):
+        for ad in (None, "bench-a", "bench-b") if srv.per_request_adapters else (None,):
             w = await stream_chat(client, srv, task_messages(), 8, ad)
             if not w.ok:
                 raise RuntimeError(f"{srv.name}: warm-up request failed ({ad}): {w.error}")
@@ -393,6 +408,8 @@ async def measure(srv: Server, a: argparse.Namespace, deadline: float) -> dict[s
                ("conv_adapter", lambda: conversations(srv, a, "bench-a"))]
     for key, run in phases:
         if a.only and key not in a.only:
+            continue
+        if not srv.per_request_adapters and key in ("same_adapter", "mixed_adapter", "conv_adapter"):
             continue
         if time.monotonic() > deadline:
             res["skipped"].append(key)
@@ -447,6 +464,16 @@ def start_llama(a: argparse.Namespace, work: Path, loras: list[Path]) -> LlamaSe
     return srv
 
 
+def start_lcp(a: argparse.Namespace, work: Path) -> LcpServer:
+    port = free_port()
+    argv = [str(a.lcp_python), "-m", "llama_cpp.server", "--model", str(a.model), "--model_alias", "base",
+            "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(a.threads),
+            "--n_threads_batch", str(a.threads), "--n_ctx", str(a.n_ctx)]
+    srv = LcpServer(argv, dict(os.environ), port, work / "lcp-server.log", "/v1/models")
+    srv.wait_ready(120)
+    return srv
+
+
 def ratio(x: float, y: float) -> float:
     return x / y if y and y == y and x == x else float("nan")
 
@@ -468,6 +495,7 @@ def summarise(r: dict[str, Any], a: argparse.Namespace) -> list[tuple[str, str, 
     raw = r["raw"]
     ours = Missing(r["ours"]) if r.get("ours") else None
     ll = Missing(r["llama"]) if r.get("llama") else None
+    lcp = Missing(r["lcp"]) if r.get("lcp") else None
     nmax = max(a.clients)
     rows: list[tuple[str, str, str, str]] = []
 
@@ -482,7 +510,7 @@ def summarise(r: dict[str, Any], a: argparse.Namespace) -> list[tuple[str, str, 
     rows.append(("raw: decode, 1 seq", f(raw["single_tok_s"], " tok/s"), "", ""))
     rows.append((f"raw: decode, {raw['batch_seqs']} seqs in one batch (aggregate)", f(raw["batch_tok_s"], " tok/s"),
                  "", ""))
-    for name, s in (("ours", ours), ("llama-server", ll)):
+    for name, s in (("ours", ours), ("llama-server", ll), ("llama-cpp-python", lcp)):
         if not s:
             continue
         rows.append((f"{name}: single-stream decode", f(s["single"]["decode_tok_s_p50"], " tok/s"),
@@ -520,6 +548,10 @@ def summarise(r: dict[str, Any], a: argparse.Namespace) -> list[tuple[str, str, 
             v = ratio(ours[f"agg_{nmax}"]["agg_tok_s"], ll[f"agg_{nmax}"]["agg_tok_s"])
             rows.append((f"TARGET ours aggregate@{nmax} / llama-server aggregate@{nmax}", f"{v:.2f}", ">= 1",
                          check(v, v >= 1.0)))
+        if lcp:
+            v = ratio(ours[f"agg_{nmax}"]["agg_tok_s"], lcp[f"agg_{nmax}"]["agg_tok_s"])
+            rows.append((f"TARGET ours aggregate@{nmax} / llama-cpp-python server aggregate@{nmax}", f"{v:.2f}",
+                         ">= 2.5", check(v, v >= 2.5)))
         v = ratio(ours["mixed_adapter"]["agg_tok_s"], ours["same_adapter"]["agg_tok_s"])
         rows.append(("TARGET ours mixed / same-adapter aggregate", f"{v:.1%}", ">= 85%", check(v, v >= 0.85)))
         v = ratio(ours["mixed_adapter"]["latency_p95"], ours["same_adapter"]["latency_p95"])
@@ -583,6 +615,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "mixed_adapter, staggered, conv_base, conv_adapter); default all")
     p.add_argument("--skip-llama-server", action="store_true")
     p.add_argument("--skip-ours", action="store_true")
+    p.add_argument("--skip-lcp", action="store_true", help="skip llama-cpp-python's own server")
+    p.add_argument("--lcp-python", type=Path, default=ROOT / "bench" / ".work" / "lcp-venv" / "bin" / "python",
+                   help="python of the venv made by bench/lcp_server.sh")
     p.add_argument("--llama-server", type=Path, default=LLAMA_SERVER)
     p.add_argument("--max-seconds", type=float, default=1200, help="hard cap for the whole run")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
@@ -629,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
         servers.append(("ours", lambda: start_ours(a, work, adapters_dir)))
     if not a.skip_llama_server:
         servers.append(("llama", lambda: start_llama(a, work, loras)))
+    if not a.skip_lcp:
+        servers.append(("lcp", lambda: start_lcp(a, work)))
     for i, (key, start) in enumerate(servers):
         print(f"[bench] {key}: starting ...", flush=True)
         srv = start()
