@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server import store
@@ -52,6 +52,24 @@ class _TrainerRuns(Collector):
         yield ts
         yield status
         yield version
+
+
+class _ConversationLogState(Collector):
+    """The conversation log writer's state (server.store.ConversationLog.stats), read at scrape time."""
+
+    def __init__(self, clog: store.ConversationLog) -> None:
+        self.clog = clog
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        st = self.clog.stats()
+        yield GaugeMetricFamily("conversation_log_writable", "1 when the last write to the log succeeded",
+                                value=1.0 if st["writable"] else 0.0)
+        yield GaugeMetricFamily("conversation_log_pending_rows", "Rows held in memory, not yet written",
+                                value=st["pending_rows"])
+        yield CounterMetricFamily("conversation_log_dropped_rows", "Rows dropped: held rows at their bound",
+                                  value=st["dropped_rows"])
+        yield CounterMetricFamily("conversation_log_write_failures", "Failed writes (each retried)",
+                                  value=st["write_failures"])
 
 
 class Metrics:
@@ -128,6 +146,10 @@ class Metrics:
 
     def bind_queue(self, fn: Callable[[], int]) -> None:
         self.queued.set_function(fn)
+
+    def bind_conversation_log(self, clog: store.ConversationLog) -> None:
+        """Export the log writer's state: conversation_log_{writable,pending_rows,dropped_rows_total,...}."""
+        self.registry.register(_ConversationLogState(clog))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

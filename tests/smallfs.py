@@ -37,7 +37,12 @@ def free_bytes(path: Path) -> int:
 
 
 def fill(path: Path, *, leave: int = 0) -> Path:
-    """Create `path` and write zeros until only `leave` bytes (rounded to pages) are free."""
+    """Create `path` and write zeros until only `leave` bytes (rounded to pages) are free.
+
+    Only on a mount point (the small filesystem above): never fill the disk the machine runs on.
+    """
+    if not os.path.ismount(path.parent):
+        raise RuntimeError(f"fill() refuses {path.parent}: not a mount point (mount a small_filesystem first)")
     page = os.statvfs(path.parent).f_frsize
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
