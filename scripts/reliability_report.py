@@ -89,7 +89,7 @@ def kill_totals(fig: dict[str, Any]) -> tuple[int, int]:
     for key in ("publish_step_kills", "publish_random_kills", "publish_random_kills_slow"):
         kills += g(fig, key, "kills", default=0)
         partial += g(fig, key, "partial_visible", default=0)
-    for key in ("trainer_step_kills", "trainer_random_kills", "trainer_random_kills_slow"):
+    for key in ("trainer_step_kills", "trainer_step_kills_slow", "trainer_random_kills", "trainer_random_kills_slow"):
         kills += g(fig, key, "kills", default=0)
         partial += g(fig, key, "partial_visible", default=0) + len(g(fig, key, "bad", default=[]))
     return kills, partial
@@ -118,17 +118,19 @@ def publishing_rows(fig: dict[str, Any]) -> list[tuple[str, str]]:
                                 f"versions visible, {g(fig, key, 'server_refusals')} refusals, next publish served "
                                 f"{g(fig, key, 'next_publish_ok')} times; {g(fig, key, 'requests')} requests meanwhile, "
                                 f"{g(fig, key, 'failed_requests')} failed")))
-    if "trainer_step_kills" in fig:
-        rows.append(("`python -m trainer train` killed at each step", (
-                     f"{g(fig, 'trainer_step_kills', 'kills')} kills at the publish steps: "
-                     f"{g(fig, 'trainer_step_kills', 'partial_visible')} partial versions visible; the next run "
-                     f"published {g(fig, 'trainer_step_kills', 'next_run_published')} times and marked the killed run "
-                     f"`interrupted`; problems {len(g(fig, 'trainer_step_kills', 'bad', default={}))}")))
+    for key, label in (("trainer_step_kills", "`python -m trainer train` killed at publish steps"),
+                       ("trainer_step_kills_slow", "`python -m trainer train` killed at each step (slow)")):
+        if key in fig:
+            rows.append((label, (f"{g(fig, key, 'kills')} kills, after {', '.join(g(fig, key, 'steps', default=[]))}: "
+                                 f"{g(fig, key, 'partial_visible')} partial versions visible; the next run published "
+                                 f"{g(fig, key, 'next_run_published')} times and marked the killed run `interrupted`; "
+                                 f"problems {len(g(fig, key, 'bad', default={}))}")))
     for key, label in (("trainer_random_kills", "`python -m trainer train` killed at random"),
                        ("trainer_random_kills_slow", "`python -m trainer train` killed at random (slow)")):
         if key in fig:
-            rows.append((label, (f"{g(fig, key, 'kills')} kills at a random moment of a {g(fig, key, 'run_seconds')} s "
-                                f"run (landed: {_landed(g(fig, key, 'landed_after'))}): problems "
+            rows.append((label, (f"{g(fig, key, 'kills')} kills ({g(fig, key, 'attempts')} tries) at a random moment "
+                                f"of a {g(fig, key, 'run_seconds')} s run (landed: {_landed(g(fig, key, 'landed_after'))}): "
+                                "problems "
                                 f"{len(g(fig, key, 'bad', default=[]))} (partial version, unloadable current, next run "
                                 "not publishing, run left `running`)")))
     full = fig.get("publish_disk_full", {})
