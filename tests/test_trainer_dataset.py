@@ -330,3 +330,20 @@ def test_build_dataset_splits_log_conversations_by_id(tmp_path: Path, template: 
     assert data.report.val_items > 0
     assert not {i.key for i in data.train} & {i.key for i in data.val}
     assert all(i.key.startswith("conv-") for i in data.train + data.val)
+
+
+def test_thumbs_down_with_a_correction_trains_on_the_correction(tmp_path: Path, template: ChatTemplate) -> None:
+    """The playground's most natural verdict, "bad, it should have said X", must reach training:
+    the rating judged the original answer, the correction is what to learn."""
+    path = tmp_path / "conversations.sqlite3"
+    log = ConversationLog(path)
+    log_exchange(log, "d1", "Q1", "wrong answer")
+    log.add_feedback("d1", -1, "the right answer", "wrong")
+    log_exchange(log, "d2", "Q2", "another wrong answer")
+    log.add_feedback("d2", -1, None, "wrong, no correction")
+    log.flush()
+    log.close()
+    for min_rating in (0, 1):
+        got = read_log([path], SourceConfig(min_rating=min_rating), template)
+        assert answers(got.items) == ["the right answer"]
+        assert got.dropped[f"rating below {min_rating}"] == 1

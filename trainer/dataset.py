@@ -368,10 +368,13 @@ def read_log(
         if row["status"] != "completed":
             result.dropped[f"status {row['status']}"] += 1
             continue
-        if rating < source.min_rating:
+        has_correction = bool(corrected and corrected.strip())
+        # a rating judges the original answer; a correction is the answer the user wants learnt,
+        # so a thumbs-down with a correction is kept (with the correction)
+        if rating < source.min_rating and not has_correction:
             result.dropped[f"rating below {source.min_rating}"] += 1
             continue
-        answer = corrected if corrected and corrected.strip() else row["response"]
+        answer = corrected if has_correction else row["response"]
         if not answer or not answer.strip():
             result.dropped["no assistant reply"] += 1
             continue
