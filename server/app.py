@@ -313,10 +313,12 @@ async def feedback(request: Request) -> dict[str, Any]:
     fb = await _parse(request, protocol.FeedbackRequest)
     clog = state.conversation_log
     if clog is None:
-        raise NotFound("the conversation log is switched off on this server", param="response_id")
+        raise NotFound("the conversation log is switched off on this server", param="response_id",
+                       code="response_not_found")
     row = await asyncio.to_thread(_exchange_route, clog, fb.response_id)
     if row is None:
-        raise NotFound(f"no logged response with id {fb.response_id[:128]!r}", param="response_id")
+        raise NotFound(f"no logged response with id {fb.response_id[:128]!r}", param="response_id",
+                       code="response_not_found")
     clog.add_feedback(fb.response_id, fb.rating, fb.corrected, fb.comment)
     route, path = row
     if state.chat is not None and state.chat.route_label_known(route):

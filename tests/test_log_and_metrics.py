@@ -75,6 +75,8 @@ def test_feedback_is_stored_and_counted_by_route_and_path(server: ServerProcess)
         assert server.metric("chat_feedback_total", route="styled", path="finetuned", rating="up") == before + 1
         missing = http.post("/v1/feedback", json={"response_id": "chatcmpl-nope", "rating": 1})
         assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "response_not_found"
+        assert missing.json()["error"]["param"] == "response_id"
         bad = http.post("/v1/feedback", json={"response_id": rid, "rating": 5})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "rating"
     row = wait_row(server.db_path, "SELECT * FROM feedback WHERE response_id = ?", (rid,))
