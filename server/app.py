@@ -340,7 +340,7 @@ def _exchange_route(clog: ConversationLog, response_id: str) -> tuple[str, str] 
 @get("/v1/runs", opt={"auth": AUTH_API})
 async def list_runs(request: Request) -> dict[str, Any]:
     q = _query(request, protocol.RunsQuery)
-    rows = await asyncio.to_thread(_trainer_runs, _state(request).settings.db_path, q.limit, q.adapter)
+    rows = await asyncio.to_thread(_trainer_runs, _state(request).settings.runs_db_path, q.limit, q.adapter)
     return {"object": "list", "data": [protocol.trainer_run(r) for r in rows]}
 
 
@@ -418,7 +418,8 @@ def playground_router() -> Router:
 
 def create_app(settings: Settings) -> Litestar:
     """Build the app; the model loads in the lifespan, not at import or here."""
-    state = AppState(settings=settings, metrics=Metrics(settings.db_path if settings.log_conversations else None))
+    runs_db = settings.runs_db_path if settings.log_conversations or settings.trainer_runs_db else None
+    state = AppState(settings=settings, metrics=Metrics(runs_db))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

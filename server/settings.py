@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     prompts_dir: Path = Field(Path("prompts"), description="System prompt templates directory.")
     routes_file: Path | None = Field(None, description="Routes TOML (default: <prompts_dir>/routes.toml).")
     db_path: Path = Field(Path("data/conversations.sqlite3"), description="Conversation log SQLite file.")
+    trainer_runs_db: Path | None = Field(None, description="SQLite file the trainer records its runs in, for /metrics and /v1/runs (default: db_path; set it when replicas log to separate files).")
     log_conversations: bool = Field(True, description="Log exchanges (routes can opt out with log = false).")
     retention_days: float = Field(0, ge=0, description="Delete logged exchanges older than this (0 = keep).")
     replica: str | None = Field(None, description="Replica name written to each log row.")
@@ -59,6 +60,10 @@ class Settings(BaseSettings):
     @property
     def routes_path(self) -> Path:
         return self.routes_file or self.prompts_dir / "routes.toml"
+
+    @property
+    def runs_db_path(self) -> Path:
+        return self.trainer_runs_db or self.db_path
 
     @property
     def served_model_name(self) -> str:

@@ -138,3 +138,20 @@ def test_junk_model_names_do_not_grow_the_metric_series(server: ServerProcess) -
             assert r.status_code == 404
     assert series() == before
     assert server.metric("chat_requests_total", route="unknown", status="404") >= 200
+
+
+def test_trainer_runs_can_live_in_their_own_database(fresh_server, tmp_path) -> None:
+    """Replicas log to one file each (deploy/k8s); the trainer records its runs in a shared file
+    named by CHAT_TRAINER_RUNS_DB, and every replica's /metrics and /v1/runs read it from there."""
+    from server import store
+
+    runs_db = tmp_path / "trainer-runs.sqlite3"
+    conn = store.connect(runs_db)
+    run_id = store.start_trainer_run(conn, "house-style")
+    store.finish_trainer_run(conn, run_id, status="published", version=3, reason=None, metrics={"items": 12})
+    conn.close()
+    srv = fresh_server(trainer_runs_db=runs_db, db_path=tmp_path / "conversations-replica-0.sqlite3")
+    with srv.http() as http:
+        runs = http.get("/v1/runs").json()["data"]
+    assert [(r["adapter"], r["status"], r["version"]) for r in runs] == [("house-style", "published", 3)]
+    assert srv.metric("trainer_last_run_version", adapter="house-style") == 3
