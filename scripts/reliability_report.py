@@ -30,11 +30,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
