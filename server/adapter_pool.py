@@ -112,7 +112,7 @@ class AdapterPool:
                 if top.is_dir(follow_symlinks=False):
                     for e in os.scandir(top.path):
                         st = e.stat(follow_symlinks=False)
-                        entries.append((top.name, e.name, st.st_mtime_ns, st.st_size, st.st_ino))
+                        entries.append((top.name, e.name, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino))
                 else:
                     entries.append((top.name,))
         except OSError:
@@ -273,8 +273,13 @@ class AdapterPool:
             if loaded is not None and not loaded.stale:
                 return loaded
             try:
+                # the file was checksummed when it was scanned, maybe long ago: check it again now,
+                # right before llama.cpp reads it (the price: hashing a few MB on an LRU miss)
+                digest = await asyncio.to_thread(registry.sha256_file, info.path)
+                if digest != info.manifest.sha256:
+                    raise ValueError("sha256 mismatch with its manifest (file changed or corrupt)")
                 handle = await self.engine.load_adapter(info.path)
-            except ValueError as e:
+            except (ValueError, OSError) as e:
                 self.refused[key] = str(e)
                 self.available.get(info.name, {}).pop(info.version, None)
                 if self.observer:

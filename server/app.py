@@ -375,6 +375,9 @@ async def ready(request: Request) -> Response:
         problems.append("generation worker stuck")
     if state.pool is None or not state.pool.scanned:
         problems.append("adapters not scanned")
+    if state.conversation_log is not None and not state.conversation_log.accepting:
+        # rows are being dropped (docs/conversation-log.md, full disk): send traffic elsewhere
+        problems.append("conversation log cannot be written: rows are being dropped")
     if problems:
         return Response({"status": "unavailable", "problems": problems}, status_code=HTTP_503_SERVICE_UNAVAILABLE)
     return Response({"status": "ready", "adapters": len(state.pool.available)})
@@ -475,6 +478,7 @@ def _open(state: AppState) -> None:
     routes = RouteTable.load(s.routes_path, s.prompts_dir)
     if s.log_conversations:
         state.conversation_log = ConversationLog(s.db_path, replica=s.replica, retention_days=s.retention_days)
+        state.metrics.bind_conversation_log(state.conversation_log)
     state.chat = ChatService(s, engine, state.pool, routes, ChatTemplate.from_model(state.base),
                              state.conversation_log, state.metrics)
 

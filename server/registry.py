@@ -169,7 +169,8 @@ def _read_manifest(folder: Path, version: int, *, verify: bool, sha_cache: dict 
     if not stat.S_ISREG(st.st_mode):
         raise AdapterInvalid(f"{folder.name}@{version}: {manifest.file} is not a regular file")
     if verify:
-        key = (str(path), st.st_mtime_ns, st.st_size, st.st_ino)
+        # ctime too: a write that restores the mtime (os.utime) still moves the ctime
+        key = (str(path), st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
         digest = sha_cache.get(key) if sha_cache is not None else None
         if digest is None:
             digest = sha256_file(path)

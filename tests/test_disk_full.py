@@ -133,6 +133,8 @@ def test_server_keeps_serving_on_a_full_log_disk_and_recovers_without_a_restart(
             ids = [rid for _, rid, _ in answered]
             missing_during = [i for i in ids if not db_rows(srv.db_path, "SELECT 1 FROM exchanges WHERE id = ?", (i,))]
             ready = httpx.get(f"{srv.url}/ready", timeout=10).status_code
+            writable_metric = srv.metric("conversation_log_writable")
+            pending_metric = srv.metric("conversation_log_pending_rows")
             with srv.http() as http:  # feedback on an answer whose row is held in memory: not found yet
                 fb = http.post("/v1/feedback", json={"response_id": ids[0], "rating": 1}).status_code
             alive_during = srv.proc.poll() is None
@@ -148,6 +150,8 @@ def test_server_keeps_serving_on_a_full_log_disk_and_recovers_without_a_restart(
             after_ok = wait_for(lambda: bool(db_rows(srv.db_path, "SELECT 1 FROM exchanges WHERE id = ? AND "
                                                      "status = 'completed'", (rid,))), timeout=10) is not None
             integrity = db_rows(srv.db_path, "PRAGMA integrity_check")[0][0]
+            srv_metric_after = {"writable": srv.metric("conversation_log_writable"),
+                                "pending": srv.metric("conversation_log_pending_rows")}
             logs = srv.logs()
             same_process = srv.proc.pid == pid and srv.proc.poll() is None
         finally:
@@ -162,6 +166,8 @@ def test_server_keeps_serving_on_a_full_log_disk_and_recovers_without_a_restart(
     assert alive_during and all(c == 200 and d for c, _, d in answered), answered
     assert missing_during, "the disk was not full: rows were written"
     assert ready == 200  # the policy: ready while the held rows are within their bound
+    assert writable_metric == 0 and pending_metric >= len(missing_during), (writable_metric, pending_metric)
+    assert srv_metric_after["writable"] == 1 and srv_metric_after["pending"] == 0, srv_metric_after
     assert fb == 404, fb  # 4xx, never 5xx: the row is not on disk yet
     assert "conversation log cannot be written" in logs and "writable again" in logs, logs[-3000:]
     assert recovered_s is not None and recovered_s < 10, recovered_s

@@ -597,9 +597,6 @@ def test_flipped_byte_is_refused_on_checksum_and_the_previous_version_serves(fre
     assert srv.proc.poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (server/adapter_pool.py): a version re-loaded after LRU eviction "
-                   "is not re-checksummed, and the sha256 cache and the watch key on mtime/size/inode, so a "
-                   "flip that keeps the mtime goes unseen; see docs/reliability.md")
 def test_flipped_byte_with_the_mtime_kept_is_refused_when_the_version_is_loaded_again(fresh, base_info,
                                                                                      tmp_path) -> None:
     srv = fresh(parallel=1, max_loaded_adapters=1)
