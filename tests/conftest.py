@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,43 @@ def fresh_server(tmp_path: Path, model_path: Path) -> Iterator[Any]:
     yield start
     for proc in started:
         proc.stop()
+
+
+@contextmanager
+def passive_omp() -> Iterator[None]:
+    """Start servers whose llama.cpp threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE):
+    for tests that run a server next to other busy processes (a browser, a killer, a filler) on
+    the same two cores, where spinning threads would slow everything down tenfold."""
+    old = os.environ.get("OMP_WAIT_POLICY")
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+        else:
+            os.environ["OMP_WAIT_POLICY"] = old
+
+
+@pytest.fixture
+def fresh_passive_server(fresh_server) -> Any:
+    """`fresh_server`, with passive OpenMP threads (see passive_omp)."""
+
+    def start(**settings: Any) -> ServerProcess:
+        with passive_omp():
+            return fresh_server(**settings)
+
+    return start
+
+
+def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.1) -> bool:
+    """Poll `predicate` until it is true (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
 
 
 def chat_body(content: str = "Say hello.", model: str = "base", **kw: Any) -> dict[str, Any]:

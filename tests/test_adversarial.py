@@ -17,7 +17,6 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,14 @@ from server import registry
 from server.app import AUTH_ADMIN, AUTH_API, AUTH_PUBLIC, create_app
 from server.settings import Settings
 from tests import conftest
-from tests.conftest import ServerProcess, chat_body, make_lora_file, publish_lora, start_shared_server
+from tests.conftest import (
+    ServerProcess,
+    chat_body,
+    make_lora_file,
+    passive_omp,
+    publish_lora,
+    start_shared_server,
+)
 from tests.reliability import OpenWatch, db_rows, metric_series, percentile, raw_http, record, rss_kb, wait_final
 
 CANARY = chat_body("Name three colours.", max_tokens=16)
@@ -40,19 +46,6 @@ URL = "/v1/chat/completions"
 # (spinning) policy and n_threads = cores, a CPU shared with other processes slows llama_decode
 # ~100x (measured: first request 47.8 s vs 0.3 s, four requests 101.9 s vs 1.3 s): see
 # docs/reliability.md. The variable is set only while our server subprocesses start.
-@contextmanager
-def passive_omp() -> Iterator[None]:
-    old = os.environ.get("OMP_WAIT_POLICY")
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("OMP_WAIT_POLICY", None)
-        else:
-            os.environ["OMP_WAIT_POLICY"] = old
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_path: Path, base_info) -> Iterator[ServerProcess]:
     """This module's shared server: adapters style-a and style-b, the shared routes."""
@@ -63,11 +56,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_path: Path, base_info
 
 
 @pytest.fixture
-def fresh(fresh_server) -> Any:
-    def start(**settings: Any) -> ServerProcess:
-        with passive_omp():
-            return fresh_server(**settings)
-    return start
+def fresh(fresh_passive_server) -> Any:
+    return fresh_passive_server
 
 
 def canary(srv: ServerProcess, model: str = "base") -> str:

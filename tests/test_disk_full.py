@@ -18,10 +18,9 @@ import httpx
 
 from server.metrics import Metrics
 from server.store import ConversationLog
-from tests.conftest import ServerProcess, chat_body
+from tests.conftest import ServerProcess, chat_body, passive_omp
 from tests.reliability import db_rows, record
 from tests.smallfs import fill, small_filesystem
-from tests.test_adversarial import passive_omp
 
 URL = "/v1/chat/completions"
 

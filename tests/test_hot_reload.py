@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import time
 
 import httpx
 
 from server import registry
-from tests.conftest import publish_lora, chat_body
+from tests.conftest import chat_body, publish_lora, wait_for
 
 QUESTION = "Write one sentence about the sea."
 
@@ -20,13 +19,6 @@ def answer(srv, model: str, **kw) -> httpx.Response:
         return http.post("/v1/chat/completions", json=chat_body(QUESTION, model=model, **kw))
 
 
-def wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def model_ids(srv) -> set[str]:

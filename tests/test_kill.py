@@ -18,9 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, chat_body, publish_lora
+from tests.conftest import ServerProcess, chat_body, passive_omp, publish_lora
 from tests.reliability import record
-from tests.test_adversarial import passive_omp
 
 pytestmark = pytest.mark.slow
 URL = "/v1/chat/completions"

@@ -9,22 +9,13 @@ and that waits on an event, while a chat request is in flight.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 from litestar.testing import TestClient
 
 from server.app import create_app
 from server.settings import Settings
-
-
-def _wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+from tests.conftest import wait_for
 
 
 def test_ready_turns_503_while_the_generation_worker_is_stuck_and_recovers(tmp_path: Path, model_path: Path) -> None:
@@ -37,7 +28,7 @@ def test_ready_turns_503_while_the_generation_worker_is_stuck_and_recovers(tmp_p
     (tmp_path / "prompts").mkdir()
     app = create_app(settings)
     with TestClient(app, timeout=60) as client:
-        assert _wait_for(lambda: client.get("/ready").status_code == 200), client.get("/ready").text
+        assert wait_for(lambda: client.get("/ready").status_code == 200), client.get("/ready").text
         engine = app.state["app"].engine
 
         release = threading.Event()
@@ -60,7 +51,7 @@ def test_ready_turns_503_while_the_generation_worker_is_stuck_and_recovers(tmp_p
 
         t = threading.Thread(target=chat)
         t.start()
-        assert _wait_for(lambda: client.get("/ready").status_code == 503, timeout=10)
+        assert wait_for(lambda: client.get("/ready").status_code == 503, timeout=10)
         r = client.get("/ready")
         assert r.status_code == 503
         assert "generation worker stuck" in r.json()["problems"]
@@ -70,4 +61,4 @@ def test_ready_turns_503_while_the_generation_worker_is_stuck_and_recovers(tmp_p
         t.join(60)
         assert answer["status"] == 200, answer
         assert answer["body"]["choices"][0]["message"]["content"]
-        assert _wait_for(lambda: client.get("/ready").status_code == 200, timeout=10)
+        assert wait_for(lambda: client.get("/ready").status_code == 200, timeout=10)

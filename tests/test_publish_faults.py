@@ -35,7 +35,6 @@ from server.gguf_info import BaseModelInfo
 from tests.conftest import ROOT, ServerProcess, chat_body, make_lora_file, publish_lora
 from tests.reliability import db_rows, record
 from tests.smallfs import fill, small_filesystem
-from tests.test_adversarial import passive_omp
 from tests.tinymodel import make_tiny_llama
 
 URL = "/v1/chat/completions"
@@ -170,11 +169,8 @@ class Traffic:
 
 
 @pytest.fixture
-def fresh(fresh_server) -> Any:
-    def start(**settings: Any) -> ServerProcess:
-        with passive_omp():
-            return fresh_server(**settings)
-    return start
+def fresh(fresh_passive_server) -> Any:
+    return fresh_passive_server
 
 
 @pytest.fixture(scope="module")
