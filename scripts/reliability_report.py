@@ -357,23 +357,16 @@ Machine: {meta['machine']}. The machine was shared with other engineers' benchma
    (one fsync of latency per request).
 4. **`allowed_hosts` compares the whole Host header, port included** (Litestar): `CHAT_ALLOWED_HOSTS=
    example.com` refuses clients that send `Host: example.com:8000`. Documented behaviour of Litestar;
-   the README should say "host[:port] as the client sends it".
-5. **A corrupted adapter file can be loaded after an LRU eviction** (`server/adapter_pool.py`; strict xfail
-   `test_flipped_byte_with_the_mtime_kept_is_refused_when_the_version_is_loaded_again`). The checksum is
-   verified when the directory is scanned, and the scan's sha256 cache and the watch fingerprint are keyed
-   on mtime, size and inode. A byte flipped in place with the mtime kept (a tool that restores times,
-   silent media corruption) is not seen; when that version is evicted (`CHAT_MAX_LOADED_ADAPTERS`) and
-   requested again, `AdapterPool._load` hands the file to llama.cpp without re-checking it, and it is
-   served (measured: 200 with the flipped file). Proposed patch: in `_load`, before
-   `self.engine.load_adapter(info.path)`, `if await asyncio.to_thread(registry.sha256_file, info.path) !=
-   info.manifest.sha256: raise registry.AdapterInvalid(...)` (about 20 ms for a 10 MB adapter, once per
-   load), and add `st_ctime_ns` to the fingerprint and the sha cache key.
-6. **Wiring for the full-disk policy** (`server/app.py`, not changed here): after the `ConversationLog` is
-   created, `state.metrics.bind_conversation_log(state.conversation_log)` exports
-   `conversation_log_{{writable,pending_rows,dropped_rows_total,write_failures_total}}`; in `ready()`,
-   `if state.conversation_log is not None and not state.conversation_log.accepting:
-   problems.append("conversation log full: rows are being dropped")`. Until then `/ready` stays 200 and
-   drops are only logged and counted in `ConversationLog.stats()`.
+   the README's configuration table says so.
+5. **Fixed: a corrupted adapter file could be loaded after an LRU eviction.** A byte flipped in place
+   with the mtime restored went unseen (the watch and the sha256 cache keyed on mtime, size and inode)
+   and, after an eviction, was handed to llama.cpp unchecked and served. `AdapterPool._load` now
+   re-checks the sha256 right before llama.cpp loads a version, and the watch and the cache key on
+   ctime too; `test_flipped_byte_with_the_mtime_kept_is_refused_when_the_version_is_loaded_again`
+   (a strict xfail before) passes.
+6. **Wired: the full-disk policy in the server.** `/metrics` exports
+   `conversation_log_{{writable,pending_rows,dropped_rows_total,write_failures_total}}` (asserted in
+   `tests/test_disk_full.py`), and `/ready` turns 503 while rows are being dropped.
 7. **A trainer killed after its publish completed** leaves its run row `running`; the next run marks it
    `interrupted` although its version was published and is current (the manifest is the truth). Harmless,
    but the runs list can read as if that night published nothing.
