@@ -23,28 +23,28 @@ MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def measure(n_ctx: int, reps: int = 20) -> dict[str, float]:
-    eng = E.Engine(E.EngineConfig(MODEL, n_ctx=n_ctx, parallel=8))
+    eng = E.Engine(E.EngineConfig(MODEL, n_ctx=n_ctx, parallel=8, lanes=1))
     eng.start()
 
     def job() -> dict[str, float]:
-        b = eng.batch
+        b = eng.lanes[0].batch
         toks = eng.tokenize_text("hello world " * 20)[:40]
         for i, t in enumerate(toks):
             eng._put(b, i, t, i, 0, i == len(toks) - 1)
         b.n_tokens = len(toks)
-        C.llama_decode(eng.ctx, b)  # slot 0 holds a 40-token prefix
+        C.llama_decode(eng.lanes[0].ctx, b)  # slot 0 holds a 40-token prefix
         times: dict[str, list[float]] = {"no copy": [], "copy pending": []}
         for _ in range(reps):
             for kind in times:
-                C.llama_memory_seq_rm(eng.mem, 1, -1, -1)
+                C.llama_memory_seq_rm(eng.lanes[0].mem, 1, -1, -1)
                 if kind == "copy pending":
-                    C.llama_memory_seq_cp(eng.mem, 0, 1, -1, -1)
-                    C.llama_memory_seq_rm(eng.mem, 1, 30, -1)
-                C.llama_memory_seq_rm(eng.mem, 2, -1, -1)
+                    C.llama_memory_seq_cp(eng.lanes[0].mem, 0, 1, -1, -1)
+                    C.llama_memory_seq_rm(eng.lanes[0].mem, 1, 30, -1)
+                C.llama_memory_seq_rm(eng.lanes[0].mem, 2, -1, -1)
                 eng._put(b, 0, toks[0], 0, 2, True)
                 b.n_tokens = 1
                 t0 = time.perf_counter()
-                C.llama_decode(eng.ctx, b)
+                C.llama_decode(eng.lanes[0].ctx, b)
                 times[kind].append(time.perf_counter() - t0)
         return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 

@@ -465,7 +465,7 @@ def _open(state: AppState) -> None:
     state.base = BaseModelInfo.load(s.model)
     engine = Engine(
         EngineConfig(
-            model_path=s.model, n_ctx=s.n_ctx, parallel=s.parallel, n_threads=s.n_threads, n_batch=s.n_batch,
+            model_path=s.model, n_ctx=s.n_ctx, parallel=s.parallel, n_threads=s.n_threads, n_batch=s.n_batch, lanes=s.lanes,
             queue_max=s.queue_max, request_timeout_s=s.request_timeout_s,
         ),
         observer=state.metrics,

@@ -28,12 +28,14 @@ import codecs
 import ctypes
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,6 +57,10 @@ PREFIX_WORTH_TOKENS = 64  # a cached prefix this long outweighs keeping adapter 
 # of context per slot; the bar below keeps a wide margin.
 SHARE_WORTH_TOKENS = 16
 SHARE_CTX_PER_TOKEN = 256
+# From another lane the copy reads out every cell the donor holds: bench/lane_copy_cost.py measured
+# 2-13 us per donor token against 2-3 ms to prefill one token, so a copy must save at least one
+# token per 128 the donor holds.
+CROSS_LANE_TOKENS_PER_TOKEN = 128
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,9 @@ class EngineConfig:
     n_threads: int = 2
     n_batch: int = 512
     queue_max: int = 64
-    turn_steps: int = 48  # steps an adapter group keeps the context while others wait
+    turn_steps: int = 48  # steps an adapter group keeps a lane while others wait
     request_timeout_s: float = 300.0
+    lanes: int = 0  # llama.cpp contexts decoded side by side; 0 = min(2, n_threads, parallel)
 
 
 @dataclass(frozen=True)
@@ -134,11 +141,59 @@ class _NullObserver:
 AdapterSet = tuple[tuple[int, float], ...]
 
 
+# libc write() called through PyDLL keeps the GIL (ctypes.CDLL and os.write release it); see _Mailbox.
+_write_keeping_gil = ctypes.PyDLL(None).write
+_write_keeping_gil.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
+_write_keeping_gil.restype = ctypes.c_ssize_t
+
+
+class _Mailbox:
+    """Hands the scheduler's events to one event loop, one wake-up per step.
+
+    Why not `loop.call_soon_threadsafe`: its wake-up is a socket send, which releases the GIL; the
+    woken event loop thread takes the GIL at once and runs its whole per-token HTTP work while the
+    scheduler waits to get the GIL back before it can start the next llama_decode (py-spy: 6% of the
+    scheduler's time, one stall per step). Here the wake-up byte is written with the GIL held, so the
+    event loop runs when the scheduler next lets the GIL go: inside llama_decode, in parallel with it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:  # on the loop's thread
+        self._loop_ref = weakref.ref(loop)
+        self._items: deque[tuple[GenerationStream, TokenEvent]] = deque()
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)  # a full pipe means the loop has a wake-up pending anyway
+        loop.add_reader(self._r, self._drain)
+        weakref.finalize(loop, self._close, self._r, self._w)
+
+    @staticmethod
+    def _close(r: int, w: int) -> None:
+        os.close(r)
+        os.close(w)
+
+    def post(self, items: list[tuple[GenerationStream, TokenEvent]]) -> None:  # scheduler thread
+        loop = self._loop_ref()
+        if loop is None or loop.is_closed():  # nobody is listening any more
+            return
+        self._items.extend(items)
+        _write_keeping_gil(self._w, b"\0", 1)
+
+    def _drain(self) -> None:  # event loop thread
+        try:
+            os.read(self._r, 4096)
+        except BlockingIOError:
+            pass
+        items = self._items
+        while items:
+            stream, event = items.popleft()
+            stream._deliver(event)
+
+
 class GenerationStream:
     """The caller's end of one request: an async iterator of TokenEvents, and cancel()."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self, mailbox: _Mailbox) -> None:
+        self._mailbox = mailbox
         self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.cancelled = False
         self._done = False
@@ -189,18 +244,47 @@ class _Running:
         self.deadline = time.monotonic() + 0.0
 
 
-@dataclass
+@dataclass(eq=False)
 class _Slot:
-    idx: int
+    idx: int  # engine-wide slot number
+    lane: _Lane
+    seq: int  # sequence id inside the lane's context
     kv_tokens: list[int] = field(default_factory=list)
     kv_key: AdapterSet = ()
     run: _Running | None = None
     last_used: float = 0.0
+    copy_pending: bool = False  # a seq_cp into this slot runs at its lane's next llama_decode
 
 
-def _deliver_all(items: list[tuple[GenerationStream, TokenEvent]]) -> None:  # event loop thread
-    for stream, event in items:
-        stream._deliver(event)
+@dataclass(eq=False)
+class _Lane:
+    """One llama.cpp context (its own KV cells, adapter set and batch) over the shared model.
+
+    Lanes decode side by side, each on its share of the threads: two adapter groups then run at
+    the same time instead of taking turns (bench/engine_mix.py), and a lane running alone gets every
+    thread."""
+
+    idx: int
+    ctx: Any
+    mem: Any
+    batch: Any
+    slots: list[_Slot] = field(default_factory=list)
+    ctx_key: AdapterSet | None = None
+    group_steps: int = 0
+    group_last_ran: dict[AdapterSet, float] = field(default_factory=dict)
+    threads: int = 0
+
+
+@dataclass
+class _Plan:
+    """One lane's share of a step: the batch is filled, llama_decode has not run yet."""
+
+    lane: _Lane
+    members: list[_Slot]
+    outputs: list[tuple[_Slot, int]]
+    n_tokens: int
+    decode_seqs: int
+    switched: bool
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -224,18 +308,19 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
-        self._ctx_key: AdapterSet | None = None
-        self._group_steps = 0
-        self._group_last_ran: dict[AdapterSet, float] = {}
         self.heartbeat = time.monotonic()
         self._outbox: list[tuple[GenerationStream, TokenEvent]] = []
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+        self._decoder_pool: ThreadPoolExecutor | None = None
+        self.lanes: list[_Lane] = []
+        self.slots: list[_Slot] = []
         self.model = None
-        self.ctx = None
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Load the model and start the scheduler thread (blocking; call off the event loop)."""
+        """Load the model, create the lanes' contexts and start the scheduler thread (blocking; call
+        off the event loop)."""
         cfg = self.config
         llama_logger.set_verbose(False)
         C.llama_backend_init()
@@ -248,43 +333,53 @@ class Engine:
         self.vocab = C.llama_model_get_vocab(model)
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
         self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))
-        cparams = C.llama_context_default_params()
-        cparams.n_ctx = cfg.n_ctx * cfg.parallel
-        cparams.n_batch = cfg.n_batch
-        cparams.n_ubatch = cfg.n_batch
-        cparams.n_seq_max = cfg.parallel
-        cparams.n_threads = cfg.n_threads
-        cparams.n_threads_batch = cfg.n_threads
-        cparams.no_perf = True
-        # One KV buffer per slot, not one shared buffer: a sequence's cells then sit at the same
-        # offsets whether it runs alone or with others, which keeps greedy output batch-invariant
-        # (tests/test_engine.py). The price: llama.cpp splits a batch into runs of consecutive
-        # sequence ids with equal token counts, one model pass each, so slots are handed out to
-        # keep each adapter group on neighbouring ids (_pick_slot).
-        cparams.kv_unified = False
-        ctx = C.llama_init_from_model(model, cparams)
-        if not ctx:
-            raise RuntimeError("llama.cpp could not create a context")
-        self.ctx = ctx
-        self.mem = C.llama_get_memory(ctx)
-        self.n_ctx_seq = int(C.llama_n_ctx_seq(ctx))
-        self.batch = C.llama_batch_init(cfg.n_batch, 0, 1)
-        self.slots = [_Slot(i) for i in range(cfg.parallel)]
+        n_lanes = cfg.lanes or min(2, cfg.n_threads, cfg.parallel)
+        n_lanes = max(1, min(n_lanes, cfg.parallel))
+        for li in range(n_lanes):
+            n_slots = cfg.parallel // n_lanes + (1 if li < cfg.parallel % n_lanes else 0)
+            cparams = C.llama_context_default_params()
+            cparams.n_ctx = cfg.n_ctx * n_slots
+            cparams.n_batch = cfg.n_batch
+            cparams.n_ubatch = cfg.n_batch
+            cparams.n_seq_max = n_slots
+            cparams.n_threads = cfg.n_threads
+            cparams.n_threads_batch = cfg.n_threads
+            cparams.no_perf = True
+            # One KV buffer per slot, not one shared buffer: a sequence's cells then sit at the same
+            # offsets whether it runs alone or with others, which keeps greedy output batch-invariant
+            # (tests/test_engine.py). The price: llama.cpp splits a batch into runs of consecutive
+            # sequence ids with equal token counts, one model pass each, so slots are handed out to
+            # keep each adapter group on neighbouring ids (_pick_slot).
+            cparams.kv_unified = False
+            ctx = C.llama_init_from_model(model, cparams)
+            if not ctx:
+                raise RuntimeError("llama.cpp could not create a context")
+            lane = _Lane(li, ctx, C.llama_get_memory(ctx), C.llama_batch_init(cfg.n_batch, 0, 1),
+                         threads=cfg.n_threads)
+            lane.slots = [_Slot(len(self.slots) + j, lane, j) for j in range(n_slots)]
+            self.slots.extend(lane.slots)
+            self.lanes.append(lane)
+        self.n_ctx_seq = int(C.llama_n_ctx_seq(self.lanes[0].ctx))
+        if n_lanes > 1:
+            self._decoder_pool = ThreadPoolExecutor(n_lanes - 1, thread_name_prefix="engine-lane")
         self._piece_buf = ctypes.create_string_buffer(256)
         self._thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
         self._thread.start()
-        log.info("engine ready: %s, %d slots x %d tokens, %d threads", cfg.model_path.name, cfg.parallel,
-                 self.n_ctx_seq, cfg.n_threads)
+        log.info("engine ready: %s, %d slots x %d tokens in %d lane(s), %d threads", cfg.model_path.name,
+                 cfg.parallel, self.n_ctx_seq, n_lanes, cfg.n_threads)
 
     def close(self) -> None:
         self._stop = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        if self.ctx is not None:
-            C.llama_batch_free(self.batch)
-            C.llama_free(self.ctx)
-            self.ctx = None
+        if self._decoder_pool is not None:
+            self._decoder_pool.shutdown(wait=True)
+            self._decoder_pool = None
+        for lane in self.lanes:
+            C.llama_batch_free(lane.batch)
+            C.llama_free(lane.ctx)
+        self.lanes = []
         if self.model is not None:
             C.llama_model_free(self.model)
             self.model = None
@@ -369,14 +464,13 @@ class Engine:
         """Free an adapter; the caller guarantees no request holds it."""
 
         def free() -> None:
-            if self._ctx_key is not None and any(h == handle.id for h, _ in self._ctx_key):
-                C.llama_set_adapters_lora(self.ctx, None, 0, None)
-                self._ctx_key = None
+            for lane in self.lanes:
+                if lane.ctx_key is not None and any(h == handle.id for h, _ in lane.ctx_key):
+                    C.llama_set_adapters_lora(lane.ctx, None, 0, None)
+                    lane.ctx_key = None
             for slot in self.slots:  # KV computed under it can never be reused again
                 if any(h == handle.id for h, _ in slot.kv_key):
-                    C.llama_memory_seq_rm(self.mem, slot.idx, -1, -1)
-                    slot.kv_tokens = []
-                    slot.kv_key = ()
+                    self._forget(slot)
             C.llama_adapter_lora_free(handle.ptr)
 
         self._call(free)
@@ -392,7 +486,11 @@ class Engine:
         """Queue a request; raises QueueFull when `queue_max` requests already wait."""
         if not self.alive:
             raise ServiceUnavailable("the model is not loaded yet")
-        stream = GenerationStream(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        mailbox = self._mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = self._mailboxes[loop] = _Mailbox(loop)
+        stream = GenerationStream(mailbox)
         stream._engine = self
         req = _Request(
             prompt=list(prompt),
@@ -420,19 +518,16 @@ class Engine:
         self._outbox.append((stream, event))
 
     def _flush(self) -> None:
-        """Hand this step's events to their event loops: one cross-thread wake-up per loop and step,
-        not one per token (each wake-up is a write to the loop's self-pipe)."""
+        """Hand this step's events to their event loops: one wake-up per loop and step, not one per
+        token."""
         if not self._outbox:
             return
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationStream, TokenEvent]]] = {}
+        by_box: dict[_Mailbox, list[tuple[GenerationStream, TokenEvent]]] = {}
         for stream, event in self._outbox:
-            by_loop.setdefault(stream._loop, []).append((stream, event))
+            by_box.setdefault(stream._mailbox, []).append((stream, event))
         self._outbox = []
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver_all, items)
-            except RuntimeError:  # that loop is closed: nobody is listening any more
-                pass
+        for box, items in by_box.items():
+            box.post(items)
 
     def _loop(self) -> None:
         while not self._stop:
@@ -472,15 +567,11 @@ class Engine:
             elif now > run.deadline:
                 self._finish(slot, finish_reason="timeout")
         self._admit()
-        runnable = [s for s in self.slots if s.run is not None]
-        if not runnable:
+        plans = [p for p in (self._plan(lane) for lane in self.lanes) if p is not None]
+        if not plans:
             return False
-        group = self._choose_group(runnable)
-        members = [s for s in runnable if s.run.req.adapters == group]
-        switched = group != self._ctx_key
-        if switched:
-            self._apply_adapters(members[0].run.req)
-        return self._decode_group(members, switched)
+        self._decode(plans)
+        return True
 
     def _admit(self) -> None:
         while True:
@@ -506,33 +597,43 @@ class Engine:
         """Choose a free slot for `req`.
 
         A long cached prefix under the same adapter set wins (a follow-up turn pays only for its new
-        message). Otherwise keep each adapter group on neighbouring slot ids: llama.cpp decodes a
-        batch in one pass only over consecutive sequence ids, so a group scattered over 0, 2, 4, 6
-        costs four passes per step instead of one (measured: 35 ms vs 20 ms per step of 4).
+        message). Otherwise: a lane that runs only this adapter set or nothing, the least loaded
+        first (lanes decode side by side, so spreading work uses every core, and two adapter sets on
+        two lanes never take turns); and inside the lane, neighbouring slot ids for one adapter
+        group: llama.cpp decodes a batch in one pass only over consecutive sequence ids, so a group
+        scattered over 0, 2, 4, 6 costs four passes per step instead of one (measured: 35 ms vs 20
+        ms per step of 4).
         """
-        running = [(s.idx, s.run.req.adapters) for s in self.slots if s.run is not None]
+        running = [s for s in self.slots if s.run is not None]
+        lane_keys = {lane.idx: {s.run.req.adapters for s in running if s.lane is lane} for lane in self.lanes}
+        lane_load = {lane.idx: sum(1 for s in running if s.lane is lane) for lane in self.lanes}
 
-        def contiguity(slot: _Slot) -> tuple[int, int]:
-            if any(abs(j - slot.idx) == 1 and key == req.adapters for j, key in running):
-                return 1, 0
-            others = [abs(j - slot.idx) for j, key in running if key != req.adapters]
-            return 0, min(others, default=len(self.slots))  # start a new group far from the others
+        def placement(slot: _Slot) -> tuple[int, int, int, int]:
+            keys = lane_keys[slot.lane.idx]
+            lane_fits = 1 if keys <= {req.adapters} else 0
+            mine = [s.seq for s in running if s.lane is slot.lane]
+            if any(abs(j.seq - slot.seq) == 1 and j.run.req.adapters == req.adapters
+                   for j in running if j.lane is slot.lane):
+                near = (1, 0)
+            else:  # start a new group far from the lane's other groups
+                near = (0, min((abs(j - slot.seq) for j in mine), default=len(slot.lane.slots)))
+            return lane_fits, -lane_load[slot.lane.idx], *near
 
         def score(slot: _Slot) -> tuple:
             n = _common_prefix(slot.kv_tokens, req.prompt) if slot.kv_key == req.adapters else 0
             if n >= PREFIX_WORTH_TOKENS:
-                return (1, n, *contiguity(slot), -slot.last_used)
-            return (0, *contiguity(slot), n, -slot.last_used)
+                return (1, n, *placement(slot), -slot.last_used)
+            return (0, *placement(slot), n, -slot.last_used)
 
         best = max(free, key=score)
         n = _common_prefix(best.kv_tokens, req.prompt) if best.kv_key == req.adapters else 0
-        best_len = n
-        n_keep = min(best_len, len(req.prompt) - 1)  # the last prompt token is always decoded for logits
+        n_keep = min(n, len(req.prompt) - 1)  # the last prompt token is always decoded for logits
+        mem = best.lane.mem
         if best.kv_key != req.adapters or n_keep <= 0:
-            C.llama_memory_seq_rm(self.mem, best.idx, -1, -1)
+            C.llama_memory_seq_rm(mem, best.seq, -1, -1)
             n_keep = 0
-        elif not C.llama_memory_seq_rm(self.mem, best.idx, n_keep, -1):
-            C.llama_memory_seq_rm(self.mem, best.idx, -1, -1)
+        elif not C.llama_memory_seq_rm(mem, best.seq, n_keep, -1):
+            C.llama_memory_seq_rm(mem, best.seq, -1, -1)
             n_keep = 0
         best.kv_tokens = best.kv_tokens[:n_keep]
         best.kv_key = req.adapters
@@ -543,29 +644,57 @@ class Engine:
 
         The common case is a system prompt shared by many conversations: it is computed once and
         copied, not recomputed in every slot. Only KV computed under the same adapter set is ever
-        copied. With one KV buffer per slot llama.cpp copies the donor's whole buffer at the start of
-        the next llama_decode (before that batch writes anything) and the tail past the prefix is
-        dropped here, so a donor that is itself running, or that was just handed to another request,
-        still gives the right prefix: its cells below the prefix length are never rewritten.
+        copied. In the same lane llama.cpp copies (`llama_memory_seq_cp`) with one KV buffer per slot
+        the donor's whole buffer at the start of the lane's next llama_decode (before that batch
+        writes anything) and the tail past the prefix is dropped here, so a donor that is itself
+        running, or that was just handed to another request, still gives the right prefix: its cells
+        below the prefix length are never rewritten. From another lane the donor's cells are read
+        out and written in now (`llama_state_seq_get/set_data`), so the donor's KV must already be
+        computed: a slot whose own copy is still pending does not donate across lanes.
         """
         limit = len(req.prompt) - 1  # the last prompt token is always decoded for logits
         donor, best = None, n_keep
         for other in self.slots:
             if other is slot or other.kv_key != req.adapters:
                 continue
+            if other.lane is not slot.lane and (other.copy_pending or not other.kv_tokens):
+                continue
             n = min(_common_prefix(other.kv_tokens, req.prompt), limit)
-            if n > best:
+            # same lane first: its copy is cheaper
+            if n > best or (n == best and donor is not None and n > n_keep and other.lane is slot.lane
+                            and donor.lane is not slot.lane):
                 donor, best = other, n
         if donor is None or best - n_keep < max(SHARE_WORTH_TOKENS, self.n_ctx_seq // SHARE_CTX_PER_TOKEN):
             return n_keep
-        C.llama_memory_seq_cp(self.mem, donor.idx, slot.idx, -1, -1)
-        if not C.llama_memory_seq_rm(self.mem, slot.idx, best, -1):
-            C.llama_memory_seq_rm(self.mem, slot.idx, -1, -1)
-            slot.kv_tokens = []
+        if donor.lane is not slot.lane and best - n_keep < len(donor.kv_tokens) // CROSS_LANE_TOKENS_PER_TOKEN:
+            return n_keep
+        mem = slot.lane.mem
+        if donor.lane is slot.lane:
+            C.llama_memory_seq_cp(mem, donor.seq, slot.seq, -1, -1)
+            slot.copy_pending = True
+            ok = C.llama_memory_seq_rm(mem, slot.seq, best, -1)
+        else:
+            ok = self._copy_across_lanes(donor, slot) and C.llama_memory_seq_rm(mem, slot.seq, best, -1)
+        if not ok:
+            self._forget(slot)
             return 0
         slot.kv_tokens = donor.kv_tokens[:best]
         self.observer.on_prefix_copy(best)
         return best
+
+    def _copy_across_lanes(self, donor: _Slot, slot: _Slot) -> bool:
+        """Replace `slot`'s KV by a copy of `donor`'s, read out of the donor's context."""
+        size = C.llama_state_seq_get_size(donor.lane.ctx, donor.seq)
+        buf = (ctypes.c_uint8 * size)()
+        if C.llama_state_seq_get_data(donor.lane.ctx, buf, size, donor.seq) != size:
+            return False
+        C.llama_memory_seq_rm(slot.lane.mem, slot.seq, -1, -1)
+        return C.llama_state_seq_set_data(slot.lane.ctx, buf, size, slot.seq) > 0
+
+    def _forget(self, slot: _Slot) -> None:
+        C.llama_memory_seq_rm(slot.lane.mem, slot.seq, -1, -1)
+        slot.kv_tokens = []
+        slot.kv_key = ()
 
     def _make_chain(self, p: SamplingParams) -> Any:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
@@ -586,32 +715,42 @@ class Engine:
         add(C.llama_sampler_init_dist(DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF))
         return chain
 
-    def _choose_group(self, runnable: list[_Slot]) -> AdapterSet:
+    def _choose_group(self, lane: _Lane, runnable: list[_Slot]) -> AdapterSet:
         groups = {s.run.req.adapters for s in runnable}
-        cur = self._ctx_key
-        if cur in groups and (len(groups) == 1 or self._group_steps < self.config.turn_steps):
-            self._group_steps += 1
+        cur = lane.ctx_key
+        if cur in groups and (len(groups) == 1 or lane.group_steps < self.config.turn_steps):
+            lane.group_steps += 1
             return cur
-        # the group that has waited longest since it last ran takes the context
+        # the group that has waited longest since it last ran takes the lane
         others = [g for g in groups if g != cur] or [cur]
-        chosen = min(others, key=lambda g: self._group_last_ran.get(g, 0.0))
-        if cur is not None and self._group_steps:
-            self.observer.on_turn_end(self._group_steps)
-        self._group_steps = 1
+        chosen = min(others, key=lambda g: lane.group_last_ran.get(g, 0.0))
+        if cur is not None and lane.group_steps:
+            self.observer.on_turn_end(lane.group_steps)
+        lane.group_steps = 1
         return chosen
 
-    def _apply_adapters(self, req: _Request) -> None:
+    def _apply_adapters(self, lane: _Lane, req: _Request) -> None:
         n = len(req.handles)
         if n == 0:
-            C.llama_set_adapters_lora(self.ctx, None, 0, None)
+            C.llama_set_adapters_lora(lane.ctx, None, 0, None)
         else:
             arr = (C.llama_adapter_lora_p_ctypes * n)(*[h.ptr for h in req.handles])
             scales = (ctypes.c_float * n)(*[s for _, s in req.adapters])
-            C.llama_set_adapters_lora(self.ctx, arr, n, scales)
-        self._ctx_key = req.adapters
+            C.llama_set_adapters_lora(lane.ctx, arr, n, scales)
+        lane.ctx_key = req.adapters
 
-    def _decode_group(self, members: list[_Slot], switched: bool) -> bool:
-        b = self.batch
+    def _plan(self, lane: _Lane) -> _Plan | None:
+        """Fill `lane`'s batch for this step: one token of every generating sequence of the lane's
+        current adapter group, then chunks of that group's pending prompts."""
+        runnable = [s for s in lane.slots if s.run is not None]
+        if not runnable:
+            return None
+        group = self._choose_group(lane, runnable)
+        members = [s for s in runnable if s.run.req.adapters == group]
+        switched = group != lane.ctx_key
+        if switched:
+            self._apply_adapters(lane, members[0].run.req)
+        b = lane.batch
         n = 0
         outputs: list[tuple[_Slot, int]] = []  # (slot, batch index whose logits to sample)
         budget = self.config.n_batch
@@ -619,7 +758,7 @@ class Engine:
         for slot in members:
             run = slot.run
             if run.next_token is not None and n < budget:
-                self._put(b, n, run.next_token, len(slot.kv_tokens), slot.idx, True)
+                self._put(b, n, run.next_token, len(slot.kv_tokens), slot.seq, True)
                 slot.kv_tokens.append(run.next_token)
                 run.next_token = None
                 outputs.append((slot, n))
@@ -635,29 +774,46 @@ class Engine:
             for j in range(take):
                 tok = run.req.prompt[run.n_fed + j]
                 last = run.n_fed + j == len(run.req.prompt) - 1
-                self._put(b, n, tok, len(slot.kv_tokens), slot.idx, last)
+                self._put(b, n, tok, len(slot.kv_tokens), slot.seq, last)
                 slot.kv_tokens.append(tok)
                 if last:
                     outputs.append((slot, n))
                 n += 1
             run.n_fed += take
         if n == 0:
-            return False
+            return None
         b.n_tokens = n
-        rc = C.llama_decode(self.ctx, b)
-        self._group_last_ran[self._ctx_key] = time.monotonic()
-        self.observer.on_step(n, decode_seqs, switched)
-        if rc != 0:
-            log.error("llama_decode returned %d for a batch of %d tokens", rc, n)
-            for slot in members:
-                C.llama_memory_seq_rm(self.mem, slot.idx, -1, -1)
-                slot.kv_tokens = []
-                if slot.run is not None:
-                    self._finish(slot, error=f"decode failed ({rc})")
-            return True
-        for slot, idx in outputs:
-            self._sample(slot, idx)
-        return True
+        return _Plan(lane, members, outputs, n, decode_seqs, switched)
+
+    def _decode(self, plans: list[_Plan]) -> None:
+        """Run the planned lanes' llama_decode side by side (threads split between them), then
+        sample. The scheduler thread decodes the first lane itself; the others run on the lane
+        pool's threads (llama_decode releases the GIL), and every state change stays here."""
+        share, extra = divmod(self.config.n_threads, len(plans))
+        for i, plan in enumerate(plans):
+            t = max(1, share + (1 if i < extra else 0))
+            if plan.lane.threads != t:
+                C.llama_set_n_threads(plan.lane.ctx, t, t)
+                plan.lane.threads = t
+        futures = [self._decoder_pool.submit(C.llama_decode, p.lane.ctx, p.lane.batch) for p in plans[1:]] \
+            if len(plans) > 1 and self._decoder_pool is not None else []
+        codes = [C.llama_decode(plans[0].lane.ctx, plans[0].lane.batch)] + [f.result() for f in futures]
+        now = time.monotonic()
+        for plan, rc in zip(plans, codes):
+            lane = plan.lane
+            lane.group_last_ran[lane.ctx_key] = now
+            for slot in lane.slots:
+                slot.copy_pending = False
+            self.observer.on_step(plan.n_tokens, plan.decode_seqs, plan.switched)
+            if rc != 0:
+                log.error("llama_decode returned %d for a batch of %d tokens", rc, plan.n_tokens)
+                for slot in plan.members:
+                    self._forget(slot)
+                    if slot.run is not None:
+                        self._finish(slot, error=f"decode failed ({rc})")
+                continue
+            for slot, idx in plan.outputs:
+                self._sample(slot, idx)
 
     @staticmethod
     def _put(b: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
@@ -669,7 +825,7 @@ class Engine:
 
     def _sample(self, slot: _Slot, idx: int) -> None:
         run = slot.run
-        tok = C.llama_sampler_sample(run.chain, self.ctx, idx)
+        tok = C.llama_sampler_sample(run.chain, slot.lane.ctx, idx)
         if C.llama_vocab_is_eog(self.vocab, tok):
             self._emit_rest(slot)
             self._finish(slot, finish_reason="stop")
@@ -733,8 +889,7 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         for slot in self.slots:
             if slot.run is not None:
-                C.llama_memory_seq_rm(self.mem, slot.idx, -1, -1)
-                slot.kv_tokens = []
+                self._forget(slot)
                 self._finish(slot, error=message)
 
 

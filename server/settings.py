@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     n_ctx: int = Field(2048, ge=64, description="Context tokens per sequence (prompt + answer).")
     n_threads: int = Field(2, ge=1, description="CPU threads for decoding.")
     parallel: int = Field(4, ge=1, le=64, description="Sequences decoded together (slots).")
+    lanes: int = Field(0, ge=0, le=64, description="llama.cpp contexts decoded side by side, sharing the threads and slots (0 = min(2, threads, slots)).")
     n_batch: int = Field(512, ge=32, description="Max tokens per llama_decode call (prefill chunk budget).")
     adapters_dir: Path = Field(Path("adapters"), description="Adapters directory (one folder per adapter).")
     prompts_dir: Path = Field(Path("prompts"), description="System prompt templates directory.")

@@ -84,12 +84,9 @@ def test_greedy_output_is_identical_alone_and_batched_on_mixed_adapters(engine8,
 
 def engine8_clear(eng: Engine) -> None:
     """Forget every slot's cached prefix (runs on the scheduler thread)."""
-    import llama_cpp.llama_cpp as C
-
     def clear() -> None:
         for slot in eng.slots:
-            C.llama_memory_seq_rm(eng.mem, slot.idx, -1, -1)
-            slot.kv_tokens = []
+            eng._forget(slot)
 
     eng._call(clear).result(timeout=10)
 
@@ -204,3 +201,53 @@ def test_a_shared_system_prompt_is_copied_between_slots_without_changing_answers
         assert b_after == b_fresh
 
     asyncio.run(run())
+
+
+def test_two_adapter_sets_run_side_by_side_on_two_lanes(model_path, template, loras) -> None:
+    """With two lanes, a request on adapter B does not wait for adapter A's turn to end: its first
+    token comes while A's stream is still producing (A yields at most a few tokens in between). With
+    one lane the same request waits for A's group turn (`turn_steps` tokens of A); that case is
+    asserted too, so the test shows what the lanes change."""
+
+    async def tokens_of_a_before_b(eng: Engine) -> int:
+        a = await eng.load_adapter(loras[0])
+        b = await eng.load_adapter(loras[1])
+        a_tokens = 0
+        b_started = asyncio.Event()
+        seen_at_b: list[int] = []
+
+        async def run_a() -> None:
+            nonlocal a_tokens
+            async for ev in eng.submit(eng.tokenize(template.render_segments(
+                    [{"role": "user", "content": "Write a very long story."}])),
+                    SamplingParams(max_tokens=120, temperature=0.0), ((a, 1.0),)):
+                if ev.text:
+                    a_tokens += 1
+                    if a_tokens == 5:
+                        b_started.set()
+
+        async def run_b() -> None:
+            await b_started.wait()
+            before = a_tokens
+            async for ev in eng.submit(eng.tokenize(template.render_segments(
+                    [{"role": "user", "content": PROMPTS[1]}])),
+                    SamplingParams(max_tokens=4, temperature=0.0), ((b, 1.0),)):
+                if ev.text and not seen_at_b:
+                    seen_at_b.append(a_tokens - before)
+
+        await asyncio.gather(run_a(), run_b())
+        return seen_at_b[0]
+
+    two = Engine(EngineConfig(model_path, n_ctx=512, parallel=2, n_threads=2, lanes=2, turn_steps=48))
+    two.start()
+    try:
+        assert len(two.lanes) == 2
+        assert asyncio.run(tokens_of_a_before_b(two)) <= 3
+    finally:
+        two.close()
+    one = Engine(EngineConfig(model_path, n_ctx=512, parallel=2, n_threads=2, lanes=1, turn_steps=48))
+    one.start()
+    try:
+        assert asyncio.run(tokens_of_a_before_b(one)) >= 40
+    finally:
+        one.close()
