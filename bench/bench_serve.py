@@ -128,8 +128,12 @@ def publish_lora(adapters_dir: Path, name: str, base: BaseModelInfo, *, seed: in
 
 
 def raw_baseline(model: Path, prompt: str, *, n_tokens: int, n_seqs: int, n_threads: int, n_ctx: int,
-                 n_batch: int) -> dict[str, Any]:
-    """Plain llama_decode loop with the engine's context layout; greedy, EOS ignored."""
+                 n_batch: int, shared_prefix: int = 0) -> dict[str, Any]:
+    """Plain llama_decode loop with the engine's context layout; greedy, EOS ignored.
+
+    With `shared_prefix` (tokens the prompts of different requests have in common), also the prefill
+    floor of a burst when that prefix is computed once and copied: the prefix on one sequence, then
+    every sequence's own rest in one batch."""
     import llama_cpp._logger as llama_logger
     import llama_cpp.llama_cpp as C
 
@@ -183,17 +187,57 @@ def raw_baseline(model: Path, prompt: str, *, n_tokens: int, n_seqs: int, n_thre
         dt = time.perf_counter() - t0
         return {"prefill_s": prefill, "decode_s": dt, "tok_s": seqs * (n_tokens - 1) / dt}
 
+    def shared_prefill() -> float:
+        for s in range(n_seqs):
+            C.llama_memory_seq_rm(mem, s, -1, -1)
+        for j in range(shared_prefix):
+            put(j, toks[j], j, 0, False)
+        batch.n_tokens = shared_prefix
+        t0 = time.perf_counter()
+        assert C.llama_decode(ctx, batch) == 0
+        for s in range(1, n_seqs):
+            C.llama_memory_seq_cp(mem, 0, s, -1, -1)
+        nb = 0
+        for s in range(n_seqs):
+            for j in range(shared_prefix, len(toks)):
+                put(nb, toks[j], j, s, j == len(toks) - 1)
+                nb += 1
+        batch.n_tokens = nb
+        assert C.llama_decode(ctx, batch) == 0
+        return time.perf_counter() - t0
+
     try:
         run(1)  # warm-up
         one = min((run(1) for _ in range(2)), key=lambda r: r["decode_s"])
         many = run(n_seqs)
+        shared = min(shared_prefill() for _ in range(2)) if 0 < shared_prefix < len(toks) - 1 else float("nan")
     finally:
         C.llama_sampler_free(greedy)
         C.llama_batch_free(batch)
         C.llama_free(ctx)
         C.llama_model_free(mdl)
     return {"prompt_tokens": len(toks), "single_prefill_s": one["prefill_s"], "single_tok_s": one["tok_s"],
-            "batch_seqs": n_seqs, "batch_prefill_s": many["prefill_s"], "batch_tok_s": many["tok_s"]}
+            "batch_seqs": n_seqs, "batch_prefill_s": many["prefill_s"], "batch_tok_s": many["tok_s"],
+            "shared_prefix_tokens": shared_prefix, "batch_prefill_shared_s": shared}
+
+
+def common_prefix_tokens(model: Path, a: str, b: str) -> int:
+    """How many leading tokens two prompts share (the part a server can compute once and copy)."""
+    import llama_cpp.llama_cpp as C
+
+    mp = C.llama_model_default_params()
+    mp.vocab_only = True
+    mdl = C.llama_model_load_from_file(str(model).encode(), mp)
+    vocab = C.llama_model_get_vocab(mdl)
+
+    def tok(text: str) -> list[int]:
+        data = text.encode()
+        buf = (C.llama_token * (len(data) + 8))()
+        return list(buf[:C.llama_tokenize(vocab, data, len(data), buf, len(buf), True, True)])
+
+    ta, tb = tok(a), tok(b)
+    C.llama_model_free(mdl)
+    return next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
 
 
 # ---------------------------------------------------------------------------------------- servers
@@ -587,6 +631,10 @@ def summarise(r: dict[str, Any], a: argparse.Namespace) -> list[tuple[str, str, 
         v = raw["batch_prefill_s"]
         rows.append((f"raw prefill of the {raw['batch_seqs']} prompts (the burst's floor without shared prefixes)",
                      f(v, "s"), "(reference)", ""))
+        v = raw.get("batch_prefill_shared_s", float("nan"))
+        rows.append((f"raw prefill of the {raw['batch_seqs']} prompts, their common {raw.get('shared_prefix_tokens', 0)} "
+                     "tokens computed once and copied (the burst's floor with shared prefixes)", f(v, "s"),
+                     "(reference)", ""))
     if ll:
         v = ratio(ll["mixed_adapter"]["agg_tok_s"], ll["same_adapter"]["agg_tok_s"])
         rows.append(("llama-server mixed / same-adapter aggregate", f"{v:.1%}", "(reference)", ""))
@@ -677,8 +725,10 @@ def main(argv: list[str] | None = None) -> int:
     prompt = ChatTemplate.from_model(info).render(task_messages(), add_generation_prompt=True)
 
     print("[bench] raw llama_decode loop ...", flush=True)
+    shared = common_prefix_tokens(a.model, prompt, ChatTemplate.from_model(info).render(
+        task_messages(), add_generation_prompt=True))
     result["raw"] = raw_baseline(a.model, prompt, n_tokens=a.tokens, n_seqs=max(a.clients), n_threads=a.threads,
-                                 n_ctx=a.n_ctx, n_batch=512)
+                                 n_ctx=a.n_ctx, n_batch=512, shared_prefix=shared)
     print(f"[bench] raw: {json.dumps(result['raw'])}", flush=True)
 
     def raw_single() -> float:

@@ -1,7 +1,8 @@
 """The engine: the only server module that imports llama_cpp.
 
-Owns the base model, one llama.cpp context with `parallel` sequence slots, the loaded LoRA
-adapters, native sampler chains, and the scheduler thread that drives them all.
+Owns the base model, its lanes (llama.cpp contexts over the shared weights, `parallel` sequence slots
+shared out between them), the loaded LoRA adapters, native sampler chains, and the scheduler thread
+that drives them all.
 
 Interface (what the rest of the server sees)::
 
@@ -13,12 +14,15 @@ Interface (what the rest of the server sees)::
     async for event in stream: ...                       # TokenEvent: text deltas, then a final one
     stream.cancel()                                      # frees the slot at the next step
 
-Scheduling (continuous batching per adapter set): every step puts into one `llama_batch` the
-next token of each running sequence that shares the context's current adapter set, plus a bounded
-chunk of pending prompt tokens (chunked prefill). Sequences under another adapter set wait for their
-group's turn; turns rotate after `turn_steps` steps when other groups wait. Each slot remembers the
-tokens in its KV cache and the adapter set they were computed under; a new request takes the free
-slot with the longest common prefix under the same adapter set, so KV is never reused across sets.
+Scheduling (continuous batching per adapter set, lanes side by side): every step fills, per lane, one
+`llama_batch` with the next token of each running sequence that shares the lane's current adapter
+set, plus a bounded chunk of pending prompt tokens (chunked prefill); then the lanes' llama_decode
+calls run at the same time, the threads split between them. A new request goes to a lane already
+running its adapter set, or an idle one, the least loaded first; sequences under another adapter set
+in the same lane wait for their group's turn, and turns rotate after `turn_steps` steps when other
+groups wait. Each slot remembers the tokens in its KV cache and the adapter set they were computed
+under; a new request takes the free slot with the longest common prefix under the same adapter set,
+or copies a shared prefix from another slot, so KV is never reused across sets.
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ SHARE_CTX_PER_TOKEN = 256
 # 2-13 us per donor token against 2-3 ms to prefill one token, so a copy must save at least one
 # token per 128 the donor holds.
 CROSS_LANE_TOKENS_PER_TOKEN = 128
+# Lanes decode side by side when their batches are alike (tokens within this ratio plus slack), else
+# one after another with all the threads (see Engine._decode).
+SIDE_BY_SIDE_RATIO = 4
+SIDE_BY_SIDE_SLACK = 8
 
 
 @dataclass(frozen=True)
@@ -786,9 +794,23 @@ class Engine:
         return _Plan(lane, members, outputs, n, decode_seqs, switched)
 
     def _decode(self, plans: list[_Plan]) -> None:
-        """Run the planned lanes' llama_decode side by side (threads split between them), then
-        sample. The scheduler thread decodes the first lane itself; the others run on the lane
-        pool's threads (llama_decode releases the GIL), and every state change stays here."""
+        """Run the planned lanes' llama_decode calls, then sample.
+
+        Lanes with similar batches run side by side, the threads split between them: the scheduler
+        thread decodes the first lane itself, the others run on the lane pool's threads (llama_decode
+        releases the GIL), and every state change stays here. When one lane's batch is much larger
+        than another's (a prompt chunk next to a few decode tokens), side by side would leave the
+        small lane's core idle while the big one runs on half the threads, so the lanes run one
+        after another with all the threads, the small one first."""
+        sizes = [p.n_tokens for p in plans]
+        if len(plans) == 1 or max(sizes) <= SIDE_BY_SIDE_RATIO * min(sizes) + SIDE_BY_SIDE_SLACK:
+            self._decode_side_by_side(plans)
+            return
+        for plan in sorted(plans, key=lambda p: p.n_tokens):
+            self._decode_side_by_side([plan])
+            self._flush()  # the small lane's tokens go out before the big batch runs
+
+    def _decode_side_by_side(self, plans: list[_Plan]) -> None:
         share, extra = divmod(self.config.n_threads, len(plans))
         for i, plan in enumerate(plans):
             t = max(1, share + (1 if i < extra else 0))
