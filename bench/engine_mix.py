@@ -2,10 +2,10 @@
 
 Separates what the scheduler does from what the HTTP/SSE layer and the client add: same prompts,
 same rounds, same token counts as bench/bench_serve.py's same_adapter / mixed_adapter scenarios,
-but the clients are coroutines reading GenerationStreams directly. Records every step (time,
-tokens, decoding sequences, adapter set, wall time of the step) and prints a breakdown.
+but the clients are coroutines reading GenerationStreams directly. Records every lane step and
+prints a breakdown (steps, switches, sequences per step, median time between steps).
 
-    .venv/bin/python bench/engine_mix.py [--repeats 3] [--turn-steps 48]
+    .venv/bin/python bench/engine_mix.py [--lanes 1,2] [--repeats 3] [--turn-steps 48]
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import asyncio
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,22 +28,14 @@ from server.chat_template import ChatTemplate  # noqa: E402
 from server.gguf_info import BaseModelInfo  # noqa: E402
 
 
-class Trace:
+class Trace(E._NullObserver):
+    """Records every lane step: (time, batch tokens, decoding sequences, adapter set switched)."""
+
     def __init__(self) -> None:
         self.steps: list[tuple[float, int, int, bool]] = []
-        self.lock = threading.Lock()
 
     def on_step(self, batch_tokens: int, decode_seqs: int, switched: bool) -> None:
         self.steps.append((time.perf_counter(), batch_tokens, decode_seqs, switched))
-
-    def on_admit(self, queue_wait_s: float, cached_tokens: int) -> None:
-        pass
-
-    def on_turn_end(self, steps: int) -> None:
-        pass
-
-    def on_prefix_copy(self, tokens: int) -> None:
-        pass
 
 
 async def scenario(eng: E.Engine, tmpl: ChatTemplate, handles: dict[str, E.LoraHandle], adapter_of,
@@ -76,20 +67,14 @@ async def scenario(eng: E.Engine, tmpl: ChatTemplate, handles: dict[str, E.LoraH
             "step_ms_median": 1000 * statistics.median(gaps) if gaps else float("nan")}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--turn-steps", type=int, default=48)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--tokens", type=int, default=128)
-    a = p.parse_args()
-    info = BaseModelInfo.load(DEFAULT_MODEL)
-    tmpl = ChatTemplate.from_model(info)
-    tmp = Path(tempfile.mkdtemp())
-    eng = E.Engine(E.EngineConfig(DEFAULT_MODEL, n_ctx=1024, parallel=8, turn_steps=a.turn_steps), observer=Trace())
+def run_engine(a: argparse.Namespace, lanes: int, info: BaseModelInfo, tmpl: ChatTemplate,
+               tmp: Path) -> tuple[float, float]:
+    """Median same-adapter and mixed aggregate tok/s for one engine configuration."""
+    eng = E.Engine(E.EngineConfig(DEFAULT_MODEL, n_ctx=1024, parallel=8, turn_steps=a.turn_steps, lanes=lanes),
+                   observer=Trace())
     eng.start()
 
-    async def run() -> None:
+    async def run() -> tuple[float, float]:
         handles = {n: await eng.load_adapter(make_lora_file(tmp / f"{n}.gguf", info, seed=s))
                    for n, s in (("a", 1), ("b", 2))}
         await scenario(eng, tmpl, handles, lambda i: "a" if i % 2 == 0 else "b", 8, 1, 8)  # warm-up
@@ -98,15 +83,35 @@ def main() -> int:
             for name, fn in (("same", lambda i: "a"), ("mixed", lambda i: "a" if i % 2 == 0 else "b")):
                 r = await scenario(eng, tmpl, handles, fn, 8, a.rounds, a.tokens)
                 out[name].append(r)
-                print(name, {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
-        s = statistics.median(r["agg_tok_s"] for r in out["same"])
-        m = statistics.median(r["agg_tok_s"] for r in out["mixed"])
-        print(f"median same {s:.1f} tok/s, mixed {m:.1f} tok/s, mixed/same {m / s:.1%}")
+                print(f"lanes={lanes}", name, {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()},
+                      flush=True)
+        return (statistics.median(r["agg_tok_s"] for r in out["same"]),
+                statistics.median(r["agg_tok_s"] for r in out["mixed"]))
 
     try:
-        asyncio.run(run())
+        return asyncio.run(run())
     finally:
         eng.close()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--turn-steps", type=int, default=48)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--lanes", default="1,2", help="comma-separated lane counts to compare")
+    a = p.parse_args()
+    info = BaseModelInfo.load(DEFAULT_MODEL)
+    tmpl = ChatTemplate.from_model(info)
+    tmp = Path(tempfile.mkdtemp())
+    rows = []
+    for lanes in (int(x) for x in a.lanes.split(",")):
+        same, mixed = run_engine(a, lanes, info, tmpl, tmp)
+        rows.append(f"| {lanes} | {same:.1f} tok/s | {mixed:.1f} tok/s | {mixed / same:.1%} |")
+    print("| lanes | same adapter, 8 streams | mixed A/B, 8 streams | mixed / same |")
+    print("|---|---|---|---|")
+    print("\n".join(rows))
     return 0
 
 
