@@ -126,6 +126,7 @@ class Manifest(BaseModel):
     data_window: dict[str, Any] = {}
     hyperparameters: dict[str, Any] = {}
     targets: list[str] = []
+    trainer_run_id: int | None = None  # the trainer_runs row that published it (None: published by hand)
 
 
 @dataclass(frozen=True)
@@ -538,6 +539,7 @@ def publish_version(
     hyperparameters: dict[str, Any] | None = None,
     targets: list[str] | None = None,
     keep: int = 5,
+    trainer_run_id: int | None = None,
 ) -> Manifest:
     """Publish `gguf_path` as the next version of `name`, atomically, and make it current.
 
@@ -580,6 +582,7 @@ def publish_version(
                 data_window=data_window or {},
                 hyperparameters=hyperparameters or {},
                 targets=targets or [],
+                trainer_run_id=trainer_run_id,
             )
             _write_synced(_tmp_name(manifest_path), iter([manifest.model_dump_json(indent=2).encode()]))
             _step("manifest_tmp_synced")

@@ -370,6 +370,8 @@ def check_trainer_world(world: Path, base: BaseModelInfo) -> dict[str, Any]:
 def trainer_kill_cycle(world: Path, base: BaseModelInfo, steplog: Path, *, crash_at: str | None = None,
                        delay: float | None = None) -> dict[str, Any]:
     before = check_trainer_world(world, base)
+    db = world / "conversations.sqlite3"
+    last_id = db_rows(db, "SELECT max(id) AS id FROM trainer_runs")[0]["id"] or 0 if db.exists() else 0
     proc = trainer(world, crash_at=crash_at, steplog=steplog)
     if delay is not None:
         try:
@@ -384,10 +386,30 @@ def trainer_kill_cycle(world: Path, base: BaseModelInfo, steplog: Path, *, crash
     nxt = subprocess.run([sys.executable, "-m", "trainer", *TRAIN_ARGV], check=False, cwd=world, capture_output=True, text=True,
                          env=child_env(), timeout=300)
     after = check_trainer_world(world, base)
-    statuses = [r["status"] for r in db_rows(world / "conversations.sqlite3", "SELECT status FROM trainer_runs")]
+    rows = db_rows(db, "SELECT id, status, version, reason FROM trainer_runs ORDER BY id")
+    statuses = [r["status"] for r in rows]
+    # the killed process's row, if it lived long enough to write one (the last row is the next run's)
+    killed_rows = [r for r in rows[:-1] if r["id"] > last_id]
     return {"killed": killed, "landed": landed, "before": before, "state": state, "next_rc": nxt.returncode,
             "next_out": nxt.stdout[-300:] + nxt.stderr[-300:], "after": after, "running_rows": statuses.count("running"),
-            "rc": proc.returncode, "err": err[-500:]}
+            "killed_row": killed_rows[0] if killed and killed_rows else None, "rc": proc.returncode, "err": err[-500:]}
+
+
+PUBLISHED_STEPS = ("current_renamed", "pruning", "done")  # killed here, the new version is current
+
+
+def check_killed_row(c: dict[str, Any]) -> list[str]:
+    """The killed run's row, as the next run left it: `published` with the version it made current
+    when the kill came after CURRENT was renamed, else `interrupted`."""
+    row = c["killed_row"]
+    if not c["killed"] or row is None:
+        return []
+    if c["landed"] in PUBLISHED_STEPS:
+        if row["status"] != "published" or row["version"] != c["state"]["current"]:
+            return [f"killed after publishing v{c['state']['current']}, but its run row says {dict(row)}"]
+    elif row["status"] != "interrupted":
+        return [f"killed at {c['landed']}, but its run row says {dict(row)}"]
+    return []
 
 
 def check_cycle(c: dict[str, Any]) -> list[str]:
@@ -403,7 +425,7 @@ def check_cycle(c: dict[str, Any]) -> list[str]:
         problems.append(f"the next run did not publish: rc {c['next_rc']} {c['next_out']}")
     if c["running_rows"]:
         problems.append(f"{c['running_rows']} trainer_runs rows left 'running'")
-    return problems
+    return problems + check_killed_row(c)
 
 
 def trainer_step_kills(world: Path, tmp: Path, steps: tuple[str, ...], key: str) -> None:

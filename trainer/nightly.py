@@ -151,23 +151,40 @@ def open_runs_db(cfg: TrainerConfig) -> sqlite3.Connection:
     return connect(runs_db(cfg))
 
 
-def mark_stale_runs(conn: sqlite3.Connection, adapters: Sequence[str]) -> int:
-    """Rows of our adapters still `running` while we hold the lock were left by a killed process."""
+def mark_stale_runs(conn: sqlite3.Connection, adapters: Sequence[str], adapters_dir: Path | None = None) -> int:
+    """Rows of our adapters still `running` while we hold the lock were left by a killed process.
+
+    A process killed after its publish made the new version current has really published: the
+    version's manifest names the run (`trainer_run_id`), so the row becomes `published` with that
+    version. Killed earlier, the row becomes `interrupted` (saying so when its version was written
+    complete but never made current)."""
+    from server import registry
     from server.store import finish_trainer_run
 
     if not adapters:
         return 0
     marks = ", ".join("?" * len(adapters))
-    stale = [
-        r[0]
-        for r in conn.execute(
-            f"SELECT id FROM trainer_runs WHERE status = 'running' AND adapter IN ({marks})", list(adapters)
-        )
-    ]
-    for run_id in stale:
-        finish_trainer_run(
-            conn, run_id, status="interrupted", reason="left running by a trainer process that died (killed or crashed)"
-        )
+    stale = conn.execute(
+        f"SELECT id, adapter FROM trainer_runs WHERE status = 'running' AND adapter IN ({marks})", list(adapters)
+    ).fetchall()
+    for run_id, name in stale:
+        mine = None
+        if adapters_dir is not None:
+            try:
+                mine = next((m for m in registry.list_versions(adapters_dir, name, verify=False)
+                             if m.trainer_run_id == run_id), None)
+            except registry.RegistryError:
+                mine = None
+        if mine is not None and registry.current_version(adapters_dir, name) == mine.version:
+            finish_trainer_run(conn, run_id, status="published", version=mine.version, metrics=_unflat_metrics(mine.metrics),
+                               reason=f"the trainer process died after publishing v{mine.version} (found in the registry)")
+        elif mine is not None:
+            finish_trainer_run(conn, run_id, status="interrupted", reason=(
+                f"the trainer process died while publishing: v{mine.version} was written complete but never "
+                "made current"))
+        else:
+            finish_trainer_run(conn, run_id, status="interrupted",
+                               reason="left running by a trainer process that died (killed or crashed)")
     return len(stale)
 
 
@@ -454,6 +471,7 @@ def _run_stages(
         hyperparameters=hyper,
         targets=list(t.targets),
         keep=adapter.keep,
+        trainer_run_id=outcome.run_id,
     )
     outcome.status, outcome.version = "published", manifest.version
     outcome.reason = why if passed else f"published with --force although the gate refused: {why}"
@@ -488,6 +506,13 @@ def _flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             out[k] = v
     out.update({k: v for k, v in metrics.items() if k != "eval"})
     return out
+
+
+def _unflat_metrics(flat: dict[str, Any]) -> dict[str, Any]:
+    """A run row's metrics back from a manifest's (`_flat_metrics`): the top-level numbers are the
+    evaluation's."""
+    scalar = {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    return {**{k: v for k, v in flat.items() if k not in scalar}, "eval": scalar}
 
 
 def _copy_with_sidecar(src: Path, dest: Path, sidecar: dict[str, Any]) -> None:
@@ -535,9 +560,9 @@ def run_nightly(
     with run_lock(cfg.lock_path):
         conn = open_runs_db(cfg)
         try:
-            stale = mark_stale_runs(conn, [a.name for a in cfg.adapters])
+            stale = mark_stale_runs(conn, [a.name for a in cfg.adapters], cfg.adapters_dir)
             if stale:
-                say(f"marked {stale} run(s) left 'running' by a dead trainer process as interrupted")
+                say(f"closed {stale} run(s) left 'running' by a dead trainer process")
             for adapter in adapters:
                 if stop.is_set():
                     break
