@@ -619,12 +619,12 @@ class Engine:
         def placement(slot: _Slot) -> tuple[int, int, int, int]:
             keys = lane_keys[slot.lane.idx]
             lane_fits = 1 if keys <= {req.adapters} else 0
-            mine = [s.seq for s in running if s.lane is slot.lane]
-            if any(abs(j.seq - slot.seq) == 1 and j.run.req.adapters == req.adapters
-                   for j in running if j.lane is slot.lane):
+            lane_running = [j for j in running if j.lane is slot.lane]
+            if any(abs(j.seq - slot.seq) == 1 and j.run.req.adapters == req.adapters for j in lane_running):
                 near = (1, 0)
             else:  # start a new group far from the lane's other groups
-                near = (0, min((abs(j - slot.seq) for j in mine), default=len(slot.lane.slots)))
+                others = [abs(j.seq - slot.seq) for j in lane_running if j.run.req.adapters != req.adapters]
+                near = (0, min(others, default=len(slot.lane.slots)))
             return lane_fits, -lane_load[slot.lane.idx], *near
 
         def score(slot: _Slot) -> tuple:
