@@ -12,7 +12,7 @@ LLAMA_CMAKE_ARGS  := -DGGML_LLAMAFILE=OFF
 WHEELHOUSE ?= $(HOME)/.cache/adapter-chat/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-nollamafile
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: setup serve test test-slow test-tools bench clean
+.PHONY: setup serve test test-slow test-tools lint bench clean
 
 setup: $(VENV)/.installed $(MODEL)
 
@@ -47,6 +47,11 @@ test: setup test-tools
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+# Lint with the project's ruff config (pyproject.toml); not part of `make test`.
+lint: setup
+	$(BIN)/pip install -q 'ruff>=0.6'
+	$(BIN)/ruff check .
 
 bench: setup
 	$(BIN)/python bench/bench_serve.py $(ARGS)

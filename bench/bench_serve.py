@@ -689,7 +689,7 @@ def write_results(path: Path, block: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     lines = text.splitlines()
     try:
-        start = next(i for i, l in enumerate(lines) if l.strip() == "## Serving")
+        start = next(i for i, line in enumerate(lines) if line.strip() == "## Serving")
     except StopIteration:
         text = text.rstrip("\n") + "\n\n## Serving\n\n" + block.strip("\n") + "\n"
     else:

@@ -81,7 +81,7 @@ def test_kill_9_under_load_in_a_loop(tmp_path: Path, model_path: Path, base_info
                                           "created_at < ?", (time.time() - 0.5,)).fetchone()[0] if cycle else 0
         conn.close()
 
-        async def run() -> list[str]:
+        async def run(srv: ServerProcess = srv) -> list[str]:
             acked, _sent, tasks = await load(srv.url, rng.uniform(3, 8), rng)
             srv.proc.send_signal(signal.SIGKILL)  # in the middle of the traffic
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -165,7 +165,7 @@ def test_compose_stack_wiring(compose: dict[str, Any]) -> None:
     declared = set(compose["volumes"])
     mounts = {name: _bind_mounts(s) for name, s in services.items()}
     for name, ms in mounts.items():
-        for source, target, _ in ms:
+        for source, _target, _ in ms:
             if source.startswith("."):
                 assert (COMPOSE_DIR / source).exists(), f"{name}: bind mount source {source} is missing"
             else:

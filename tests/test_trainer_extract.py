@@ -48,7 +48,7 @@ def test_energy_is_monotone_in_rank_and_rank_meets_fidelity(run: tuple[Path, Tra
     assert ex.alpha == ex.rank
     # 2 layers x 7 target matrices, each A (r, n_in) and B (n_out, r) float32
     assert len(ex.pairs) == 14
-    for name, (a, b) in ex.pairs.items():
+    for a, b in ex.pairs.values():
         assert a.dtype == b.dtype == np.float32 and a.shape[0] == b.shape[1] == ex.rank
     # a higher fidelity never gives a lower rank; clamps hold
     hi = spectra.extract(fidelity=0.95, max_rank=32, min_rank=1)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from server import registry
-from server.chat_template import ChatTemplate
+from server.chat_template import ChatTemplate, ChatTemplateError
 from server.engine import Engine
 from server.routes import RouteTable, RoutesFileError, bucket
 from server.store import connect, migrate
@@ -131,7 +131,7 @@ def test_chat_template_keeps_user_text_apart_from_control_tokens(base_info) -> N
 
 def test_chat_template_sandbox_blocks_attribute_escapes() -> None:
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
-    with pytest.raises(Exception):
+    with pytest.raises(ChatTemplateError):
         ChatTemplate(evil).render([{"role": "user", "content": "x"}])
 
 
