@@ -5,14 +5,17 @@ BIN    := $(VENV)/bin
 MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 # llama-cpp-python builds from source (no binary wheel on the index). We build it once, without
 # llamafile's sgemm (see README "Determinism"), into a wheelhouse outside the repo; later installs
-# take it from there in seconds. The wheel's name does not carry build flags, so the wheelhouse
-# folder does, and pip's own cache is bypassed for that one build.
+# take it from there in seconds. The wheel's name does not carry build flags or patches, so the
+# wheelhouse folder does (a changed patch builds a new wheel), and pip's cache is bypassed.
+# patches/ holds our fixes to the vendored llama.cpp (training: see patches/README.md).
 LLAMA_CPP_VERSION := 0.3.36
-LLAMA_CMAKE_ARGS  := -DGGML_LLAMAFILE=OFF
-WHEELHOUSE ?= $(HOME)/.cache/adapter-chat/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-nollamafile
+LLAMA_CMAKE_ARGS  := -DGGML_LLAMAFILE=OFF -DLLAVA_BUILD=OFF
+LLAMA_PATCHES     := $(sort $(wildcard patches/llama-cpp-python-$(LLAMA_CPP_VERSION)-*.patch))
+LLAMA_BUILD_ID    := $(shell (echo '$(LLAMA_CMAKE_ARGS)'; cat $(LLAMA_PATCHES) /dev/null) | sha256sum | cut -c1-10)
+WHEELHOUSE ?= $(HOME)/.cache/adapter-chat/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_BUILD_ID)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: setup serve test test-slow test-tools lint bench clean
+.PHONY: setup serve test test-slow test-tools lint bench demo clean
 
 setup: $(VENV)/.installed $(MODEL)
 
@@ -27,9 +30,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(WHEELHOUSE)/.built: | $(BIN)/python
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --no-deps --no-cache-dir \
-		--no-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(WHEELHOUSE)
+$(WHEELHOUSE)/.built: $(LLAMA_PATCHES) scripts/build_llama_wheel.sh | $(BIN)/python
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" bash scripts/build_llama_wheel.sh $(BIN)/python $(LLAMA_CPP_VERSION) $(WHEELHOUSE)
 	touch $@
 
 $(MODEL): $(VENV)/.installed
@@ -52,6 +54,18 @@ test-slow: setup
 lint: setup
 	$(BIN)/pip install -q 'ruff>=0.6'
 	$(BIN)/ruff check .
+
+# The fractional-CTO example end to end: its data, one nightly for cto-house-style (train, gate,
+# publish into ./adapters), then the server with the example's routes: open /playground and put
+# cto-prompt and cto-finetuned side by side. examples/fractional-cto/README.md says how long it takes.
+DEMO := examples/fractional-cto
+demo: setup $(DEMO)/data/conversations.jsonl
+	$(BIN)/python -m trainer nightly --config $(DEMO)/trainer.toml
+	$(BIN)/python -m server --prompts-dir $(DEMO) --db-path $(DEMO)/data/conversations.sqlite3 $(ARGS)
+
+$(DEMO)/data/conversations.jsonl: | $(VENV)/.installed
+	rm -f $(DEMO)/data/conversations.sqlite3
+	$(BIN)/python $(DEMO)/generate.py --log $(DEMO)/data/conversations.sqlite3
 
 bench: setup
 	$(BIN)/python bench/bench_serve.py $(ARGS)

@@ -3,9 +3,13 @@
 Owns the one way text is laid out for the model, shared by the server (prompts) and the trainer
 (training text), so what is trained is what is served.
 
-`render_segments` keeps user-supplied content apart from template text: the engine tokenizes
-template text with special-token parsing and message content without it, so a user who types
-`<|im_start|>` gets those characters, never a control token.
+`render_segments` keeps user-supplied content apart from template text, and
+`tokenize_segments` / `tokenize_conversation` are the one way a conversation becomes token ids,
+for the server's prompts and the trainer's windows alike: template text is tokenized with
+special-token parsing and message content without it (a user who types `<|im_start|>` gets those
+characters, never a control token), and BOS is added when the vocabulary asks for it. For
+training, the same ids come with a loss mask: only assistant messages (with `weight` other than
+0) and the end-of-turn token that closes each of them count.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 from jinja2 import StrictUndefined
 from jinja2.exceptions import TemplateError
@@ -51,10 +55,71 @@ def sandbox() -> ImmutableSandboxedEnvironment:
 
 @dataclass(frozen=True)
 class Segment:
-    """A piece of the rendered prompt; `content` is True for text that came from a message."""
+    """A piece of the rendered prompt; `content` is True for text that came from a message,
+    and `message` is that message's index (None for template text)."""
 
     text: str
     content: bool
+    message: int | None = None
+
+
+class Vocab(Protocol):
+    """What tokenizing needs from a model's vocabulary (the llama.cpp bindings implement it)."""
+
+    add_bos: bool
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]: ...
+
+    def is_eog(self, token: int) -> bool: ...
+
+
+@dataclass(frozen=True)
+class TokenizedConversation:
+    """Token ids of a rendered conversation and, per id, whether it is a training target."""
+
+    ids: list[int]
+    mask: list[bool]
+
+    @property
+    def n_targets(self) -> int:
+        return sum(self.mask)
+
+
+def tokenize_segments(vocab: Vocab, segments: list[Segment]) -> list[int]:
+    """The served prompt's token ids (see the module docstring)."""
+    return tokenize_conversation(vocab, segments).ids
+
+
+def tokenize_conversation(
+    vocab: Vocab, segments: list[Segment], trained: set[int] | frozenset[int] = frozenset()
+) -> TokenizedConversation:
+    """Token ids of `segments`, and the loss mask: the ids of the messages whose index is in
+    `trained`, and after each of them the template's tokens up to and including the first
+    end-of-generation token (ChatML's `<|im_end|>`), which teaches the model to stop."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    closing = False  # inside the template text right after a trained message
+    for i, seg in enumerate(segments):
+        toks = vocab.tokenize(seg.text, add_special=(i == 0 and vocab.add_bos), parse_special=not seg.content)
+        if seg.content:
+            target = seg.message is not None and seg.message in trained
+            ids.extend(toks)
+            mask.extend([target] * len(toks))
+            closing = target
+            continue
+        for t in toks:
+            ids.append(t)
+            mask.append(closing)
+            if closing and vocab.is_eog(t):
+                closing = False
+        closing = False
+    return TokenizedConversation(ids, mask)
+
+
+def trained_messages(messages: list[dict[str, Any]]) -> set[int]:
+    """Indexes of the assistant messages a training run learns: all of them, except those with
+    `weight: 0` (OpenAI's fine-tuning chat format)."""
+    return {i for i, m in enumerate(messages) if m.get("role") == "assistant" and m.get("weight", 1) != 0}
 
 
 class ChatTemplate:
@@ -78,7 +143,7 @@ class ChatTemplate:
     def render_segments(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[Segment]:
         """The prompt split into template text and message content."""
         tag = secrets.token_hex(8)
-        markers = {f"\x1e{tag}:{i}\x1f": m["content"] for i, m in enumerate(messages)}
+        markers = {f"\x1e{tag}:{i}\x1f": (i, m["content"]) for i, m in enumerate(messages)}
         marked = [{**m, "content": key} for key, m in zip(markers, messages)]
         text = self._render_raw(marked, add_generation_prompt)
         pieces = re.split(f"(\x1e{tag}:[0-9]+\x1f)", text)
@@ -92,12 +157,15 @@ class ChatTemplate:
             if not piece:
                 continue
             if piece in markers:
-                segments.append(Segment(markers[piece], content=True))
+                index, content = markers[piece]
+                segments.append(Segment(content, content=True, message=index))
             else:
                 segments.append(Segment(piece, content=False))
         return segments
 
     def _render_raw(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        # `weight` is the trainer's (see trained_messages), never the template's business
+        messages = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
         try:
             return self._template.render(
                 messages=messages,

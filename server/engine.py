@@ -47,7 +47,8 @@ from typing import Any, Protocol
 import llama_cpp._logger as llama_logger
 import llama_cpp.llama_cpp as C
 
-from server.chat_template import Segment
+from server.chat_template import Segment, tokenize_segments
+from server.llama_vocab import LlamaVocab
 from server.errors import QueueFull, ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -341,6 +342,7 @@ class Engine:
         self.vocab = C.llama_model_get_vocab(model)
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
         self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))
+        self._vocab = LlamaVocab(self.vocab)
         n_lanes = cfg.lanes or min(2, cfg.n_threads, cfg.parallel)
         n_lanes = max(1, min(n_lanes, cfg.parallel))
         for li in range(n_lanes):
@@ -415,25 +417,12 @@ class Engine:
     # ------------------------------------------------------------------ tokens
 
     def tokenize(self, segments: Sequence[Segment]) -> list[int]:
-        """Template text is parsed for special tokens; message content never is."""
-        out: list[int] = []
-        for i, seg in enumerate(segments):
-            out.extend(self._tokenize(seg.text, add_special=(i == 0 and self.add_bos), special=not seg.content))
-        return out
+        """The one tokenization (``chat_template.tokenize_segments``), shared with the trainer:
+        template text is parsed for special tokens; message content never is."""
+        return tokenize_segments(self._vocab, list(segments))
 
     def tokenize_text(self, text: str) -> list[int]:
-        return self._tokenize(text, add_special=False, special=False)
-
-    def _tokenize(self, text: str, *, add_special: bool, special: bool) -> list[int]:
-        data = text.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace").encode("utf-8")
-        n_max = len(data) + 8
-        buf = (C.llama_token * n_max)()
-        n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, special)
-        if n < 0:
-            n_max = -n
-            buf = (C.llama_token * n_max)()
-            n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, special)
-        return list(buf[:n])
+        return self._vocab.tokenize(text, add_special=False, parse_special=False)
 
     def _piece(self, token: int) -> bytes:
         n = C.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)

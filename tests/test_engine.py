@@ -143,7 +143,7 @@ def test_user_text_is_never_parsed_as_control_tokens(model_path, template) -> No
     eng = new_engine(model_path, 1)
     try:
         typed = eng.tokenize(template.render_segments([{"role": "user", "content": "<|im_end|>"}]))
-        im_end = eng._tokenize("<|im_end|>", add_special=False, special=True)
+        im_end = eng._vocab.tokenize("<|im_end|>", add_special=False, parse_special=True)
         assert len(im_end) == 1
         # the template's own <|im_end|> tokens are there, the user's text became ordinary tokens
         user_part = eng.tokenize_text("<|im_end|>")

@@ -26,7 +26,7 @@ THREADS = 1
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainedModel]:
     tmp = tmp_path_factory.mktemp("extract")
     base = make_tiny_llama(tmp / "tiny-q8.gguf", quantize=True)
-    cfg = TrainConfig(base_model=base, cache_dir=tmp / "cache", epochs=4, lr=2e-2, threads=THREADS)
+    cfg = TrainConfig(base_model=base, cache_dir=tmp / "cache", epochs=4, lr=2e-2, threads=THREADS, method="full", optimizer="sgd")
     return base, train(cfg, pirate_texts(range(10)) * 2)
 
 
@@ -108,3 +108,20 @@ def test_llama_cpp_refuses_an_adapter_for_another_base(spectra: DeltaSpectra, tm
     path = save_lora(ex, tmp_path / "v1.gguf", architecture="llama")
     with pytest.raises(LlamaError, match="llama_adapter_lora_init"):
         InferenceSession(other, adapter=path, threads=THREADS)
+
+
+def test_randomized_svd_keeps_the_top_spectrum_and_exact_energies() -> None:
+    """The full-finetune path's SVD is randomized; its top singular values and the energy
+    fractions (divided by the exact Frobenius norm) match the exact SVD's."""
+    from trainer.extract import energy_kept, randomized_svd
+
+    rng = np.random.default_rng(1)
+    m = (rng.standard_normal((192, 24)) @ rng.standard_normal((24, 512)) + 0.05 * rng.standard_normal((192, 512)))
+    m = m.astype(np.float32)
+    u, s, vt = randomized_svd(m, 40)
+    exact = np.linalg.svd(m, compute_uv=False)
+    assert u.shape == (192, 40) and vt.shape == (40, 512)
+    assert np.allclose(s[:24], exact[:24], rtol=1e-4)
+    total = float(np.sum(np.square(m, dtype=np.float64)))
+    for r in (4, 16, 24):
+        assert abs(energy_kept(s, r, total) - energy_kept(exact, r)) < 1e-4

@@ -36,7 +36,7 @@ def tiny_q8(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_loss_goes_down_and_progress_is_reported(tiny_q8: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(base_model=tiny_q8, cache_dir=tmp_path / "cache", epochs=4, lr=2e-2, threads=THREADS)
+    cfg = TrainConfig(base_model=tiny_q8, cache_dir=tmp_path / "cache", epochs=4, lr=2e-2, threads=THREADS, method="full", optimizer="sgd")
     events: list[dict] = []
     console = io.StringIO()
     with JsonlWriter(tmp_path / "progress.jsonl") as jsonl:
@@ -78,7 +78,7 @@ def test_stop_ends_training_at_the_next_step(tiny_q8: Path, tmp_path: Path) -> N
         if event["step"] == 2:
             stop.set()
 
-    cfg = TrainConfig(base_model=tiny_q8, cache_dir=tmp_path / "cache", epochs=5, lr=2e-2, threads=THREADS)
+    cfg = TrainConfig(base_model=tiny_q8, cache_dir=tmp_path / "cache", epochs=5, lr=2e-2, threads=THREADS, method="full", optimizer="sgd")
     out = tmp_path / "trained.gguf"
     with pytest.raises(TrainingInterrupted) as info:
         train(cfg, pirate_texts(range(12)), callbacks=[press_ctrl_c_after_two], stop=stop, out_path=out)

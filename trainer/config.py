@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 from server.registry import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS  # noqa: E402
 OPTIMIZERS = ("sgd", "adamw")
+METHODS = ("lora", "full")
 SCHEDULES = ("constant", "cosine")
 GATE_MODES = ("relative", "absolute")
 
@@ -77,8 +78,21 @@ class TrainSettings:
     n_ctx: int = 256
     """Training window in tokens: a multiple of 256 (llama.cpp pads contexts to 256)."""
     epochs: int = 1
-    lr: float = 2e-3
-    optimizer: str = "sgd"
+    method: str = "lora"
+    """`lora`: train the adapter's A/B tensors directly, base frozen. `full`: train the target
+    matrices in full on an FP32 copy, then extract a LoRA by SVD (see `[extract]`)."""
+    rank: int = 16
+    """LoRA rank (method `lora`)."""
+    alpha: float = 32.0
+    """LoRA alpha: the update is scaled by alpha / rank (method `lora`)."""
+    quantized_base: bool = True
+    """Method `lora`: train over the served quantized base file (False: over its FP32 copy)."""
+    checkpoint_every: int = 50
+    """Method `lora`: steps between checkpoints; a killed run resumes from the last one. 0: none."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many steps."""
+    lr: float = 1e-3
+    optimizer: str = "adamw"
     weight_decay: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
     seed: int = 0
@@ -121,6 +135,20 @@ class GateSettings:
     """Tokens generated per sample prompt in the evaluation report."""
     sample_prompts: int = 3
     """How many validation prompts to generate answers for (shown in the report)."""
+    scorer: str | None = None
+    """A task scorer, `file.py:function` (relative to the config file) or `module:function`,
+    taking an answer and returning a bool or a number in [0, 1]: greedy answers to held-out
+    prompts are scored with it, through the server's engine (e.g.
+    `style_check.py:is_house_style`)."""
+    min_score: float = 0.0
+    """The adapter's mean score must reach this share to publish (with `scorer`)."""
+    score_prompts: int = 30
+    """How many held-out prompts the scorer judges: validation items' prompts, or `score_file`'s."""
+    score_file: Path | None = None
+    """Held-out prompts for the scorer (JSONL, one `{"messages": [...]}` or `{"prompt": "..."}`
+    per line), never trained on. None: the validation items' prompts."""
+    score_max_tokens: int = 200
+    """Tokens generated per scored answer."""
 
 
 @dataclass(frozen=True)
@@ -335,6 +363,15 @@ def _parse_adapter(name: str, table: Any, where: str, root: Path, problems: list
             problems.append(f"{where}: unknown key {key!r} (known: {', '.join(known)})")
     source = _build(SourceConfig, source_values, where, problems)
     source = dataclasses.replace(source, jsonl=tuple(_resolve(p, root) for p in source.jsonl))
+    gate = sections.get("gate")
+    if isinstance(gate, GateSettings):
+        scorer = gate.scorer
+        if scorer and ":" in scorer and scorer.split(":", 1)[0].endswith(".py"):
+            file, func = scorer.rsplit(":", 1)
+            scorer = f"{_resolve(Path(file), root)}:{func}"
+        sections["gate"] = dataclasses.replace(
+            gate, scorer=scorer, score_file=_resolve(gate.score_file, root) if gate.score_file else None
+        )
     return AdapterConfig(name=name, source=source, keep=keep, **sections)
 
 
@@ -372,6 +409,23 @@ def validate(cfg: TrainerConfig) -> list[str]:
             problems.append(f"{w}.train.val_fraction must be between 0 and 1, got {t.val_fraction}")
         if not t.targets:
             problems.append(f"{w}.train.targets must name at least one tensor kind")
+        if t.method not in METHODS:
+            problems.append(f"{w}.train.method must be one of {', '.join(METHODS)}, got {t.method!r}")
+        if t.rank < 1:
+            problems.append(f"{w}.train.rank must be >= 1, got {t.rank}")
+        if not t.alpha > 0:
+            problems.append(f"{w}.train.alpha must be > 0, got {t.alpha}")
+        if t.checkpoint_every < 0 or t.warmup_steps < 0:
+            problems.append(f"{w}.train: checkpoint_every and warmup_steps must be >= 0")
+        g = a.gate
+        if not 0.0 <= g.min_score <= 1.0:
+            problems.append(f"{w}.gate.min_score must be in [0, 1], got {g.min_score}")
+        if g.min_score > 0 and not g.scorer:
+            problems.append(f"{w}.gate.min_score needs gate.scorer (what scores the answers?)")
+        if g.scorer and ":" not in g.scorer:
+            problems.append(f"{w}.gate.scorer must be 'file.py:function' or 'module:function', got {g.scorer!r}")
+        if g.score_file is not None and not Path(g.score_file).exists():
+            problems.append(f"{w}.gate.score_file {g.score_file} does not exist")
         e = a.extract
         if not 0.0 < e.fidelity <= 1.0:
             problems.append(f"{w}.extract.fidelity must be in (0, 1], got {e.fidelity}")

@@ -69,6 +69,9 @@ class Item:
     answer: str | None = None
     """The final assistant answer, for samples."""
     created_at: float | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
+    """The conversation (chat and pair items): what the trainer tokenizes, with a loss on the
+    assistant turns whose `weight` is not 0. None for completion items (plain `text`)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,8 +133,12 @@ def _check_messages(raw: Any, where: str, problems: list[str]) -> list[dict[str,
         if content is None:
             problems.append(f"{where}: messages[{i}].content must be a string or a list of text parts")
             ok = False
+        weight = m.get("weight", 1)
+        if "weight" in m and (role != "assistant" or weight not in (0, 1) or isinstance(weight, bool)):
+            problems.append(f"{where}: messages[{i}].weight must be 0 or 1, and only on assistant messages")
+            ok = False
         if ok:
-            out.append({"role": role, "content": content})
+            out.append({"role": role, "content": content} | ({"weight": weight} if "weight" in m else {}))
     if not ok:
         return None
     if out[-1]["role"] != "assistant":
@@ -139,6 +146,9 @@ def _check_messages(raw: Any, where: str, problems: list[str]) -> list[dict[str,
         return None
     if not out[-1]["content"].strip():
         problems.append(f"{where}: the assistant's answer is empty")
+        return None
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in out):
+        problems.append(f"{where}: every assistant message has weight 0, so there is nothing to learn")
         return None
     return out
 
@@ -245,7 +255,10 @@ def _jsonl_item(
     except ChatTemplateError as exc:
         problems.append(f"{where}: {exc}")
         return None
-    return Item(text=text, key=conv or first_user_message(messages), origin=where, prompt=prompt, answer=answer)
+    return Item(
+        text=text, key=conv or first_user_message(messages), origin=where, prompt=prompt, answer=answer,
+        messages=tuple(messages),
+    )
 
 
 def expand_paths(patterns: Iterable[str | Path]) -> tuple[list[Path], list[str]]:
@@ -395,6 +408,9 @@ def read_log(
             continue
         if source.include_system_prompt and row["system_prompt"]:
             msgs = [{"role": "system", "content": row["system_prompt"]}] + msgs
+        # Only the logged answer (or its correction) is learnt: earlier assistant turns are the
+        # client's history, whatever produced them.
+        msgs = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in msgs[:-1]] + [msgs[-1]]
         try:
             text, prompt, final = render_chat(template, msgs)
         except ChatTemplateError:
@@ -413,6 +429,7 @@ def read_log(
                 prompt=prompt,
                 answer=final,
                 created_at=row["created_at"],
+                messages=tuple(msgs),
             )
         )
     return result

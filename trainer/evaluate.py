@@ -5,9 +5,11 @@ Owns: scoring validation texts with llama.cpp logits for (a) the served (quantiz
 llama.cpp's adapter API — exactly how the server will run it; greedy samples with and without
 the adapter; the :class:`EvalReport`; and :func:`gate`, the publish decision.
 
-Scoring: each validation text is scored on its own (special tokens parsed, nothing added),
-truncated to ``n_ctx + 1`` tokens; the loss is the mean negative log-likelihood (nats) over all
-predicted tokens of all texts (token-weighted), perplexity is ``exp(loss)``.
+Scoring: each validation item is tokenized with the one tokenization the server uses
+(``trainer.packing.tokenize_example``) and scored on its own, truncated to ``n_ctx + 1`` tokens;
+the loss is the mean negative log-likelihood (nats) over the item's training targets only (the
+assistant turns and their end-of-turn tokens, as in training; every token of a plain text),
+token-weighted across items; perplexity is ``exp(loss)``.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from server.chat_template import ChatTemplate
+from server.chat_template import ChatTemplate, TokenizedConversation, tokenize_segments
 from server.gguf_info import BaseModelInfo
 from trainer.llama_opt import InferenceSession, perplexity
+from trainer.packing import Example, tokenize_example
 
 GATE_MODES = ("relative", "absolute")
 
@@ -77,36 +80,40 @@ class EvalReport:
         return d
 
 
-def _score(session: InferenceSession, token_lists: Sequence[list[int]]) -> ModelScore:
+def _score(session: InferenceSession, convs: Sequence[TokenizedConversation]) -> ModelScore:
     t0 = time.perf_counter()
     total, count = 0.0, 0
-    for toks in token_lists:
-        nll = session.window_nll(toks[: session.n_ctx + 1])
-        total += float(nll.sum())
-        count += len(nll)
+    for conv in convs:
+        ids, mask = conv.ids[: session.n_ctx + 1], np.asarray(conv.mask[1 : session.n_ctx + 1], dtype=bool)
+        if not mask.any():
+            continue
+        nll = session.window_nll(ids)
+        total += float(nll[mask].sum())
+        count += int(mask.sum())
     loss = total / count if count else math.nan
     return ModelScore(loss=loss, perplexity=perplexity(loss), tokens=count, seconds=time.perf_counter() - t0)
 
 
-def _render_prompts(base_model: Path, prompts: Sequence[str | list[dict[str, str]]]) -> list[str]:
-    """Strings are already-rendered prompts; message lists are rendered with the base model's
-    chat template (with the generation prompt)."""
-    template: ChatTemplate | None = None
-    out = []
+def _render_prompts(
+    template: ChatTemplate, vocab: Any, prompts: Sequence[str | list[dict[str, str]]]
+) -> list[tuple[str, str | list[int]]]:
+    """(shown text, what to generate from): strings are already-rendered prompts; message lists
+    are rendered with the base model's chat template (with the generation prompt) and tokenized
+    as the server tokenizes a request."""
+    out: list[tuple[str, str | list[int]]] = []
     for p in prompts:
         if isinstance(p, str):
-            out.append(p)
+            out.append((p, p))
             continue
-        if template is None:
-            template = ChatTemplate.from_model(BaseModelInfo.load(base_model, sha256="-"))
-        out.append(template.render(list(p), add_generation_prompt=True))
+        segments = template.render_segments(list(p), add_generation_prompt=True)
+        out.append(("".join(seg.text for seg in segments), tokenize_segments(vocab, segments)))
     return out
 
 
 def evaluate(
     base_model: Path,
     adapter: Path,
-    val_texts: list[str],
+    val_texts: Sequence[str | Example],
     *,
     trained: Path | None = None,
     prompts: Sequence[str | list[dict[str, str]]] = (),
@@ -115,28 +122,34 @@ def evaluate(
     max_tokens: int = 64,
     adapter_scale: float = 1.0,
 ) -> EvalReport:
-    """Score ``val_texts`` with the base, the adapter on the base, and (if given) the trained
-    FP32 model; generate greedily for each of ``prompts`` with and without the adapter.
+    """Score ``val_texts`` (dataset items, or plain texts where every token counts) with the
+    base, the adapter on the base, and (if given) the trained FP32 model; generate greedily for
+    each of ``prompts`` with and without the adapter.
 
     ``prompts`` items are either rendered prompt strings or lists of chat messages.
     """
     if not val_texts:
         raise ValueError("no validation texts")
     base_model, adapter = Path(base_model), Path(adapter)
-    rendered = _render_prompts(base_model, prompts)
     samples: list[Sample] = []
+    template = ChatTemplate.from_model(BaseModelInfo.load(base_model, sha256="-"))
+    examples = list(val_texts)
     with InferenceSession(base_model, n_ctx=n_ctx, threads=threads) as base_s:
-        token_lists = [t for t in (base_s.tokenize(x) for x in val_texts) if len(t) >= 2]
+        token_lists = [
+            c for c in (tokenize_example(base_s.vocab, template, ex) for ex in examples)
+            if len(c.ids) >= 2 and any(c.mask[1:])
+        ]
         if not token_lists:
             raise ValueError("validation texts tokenized to fewer than 2 tokens each")
         base_score = _score(base_s, token_lists)
-        base_replies = [base_s.generate(p, max_tokens=max_tokens) for p in rendered]
+        rendered = _render_prompts(template, base_s.vocab, prompts)
+        base_replies = [base_s.generate(p, max_tokens=max_tokens) for _, p in rendered]
     with InferenceSession(
         base_model, n_ctx=n_ctx, threads=threads, adapter=adapter, adapter_scale=adapter_scale
     ) as ad_s:
         adapter_score = _score(ad_s, token_lists)
-        ad_replies = [ad_s.generate(p, max_tokens=max_tokens) for p in rendered]
-    samples = [Sample(prompt=p, base=b, adapter=a) for p, b, a in zip(rendered, base_replies, ad_replies)]
+        ad_replies = [ad_s.generate(p, max_tokens=max_tokens) for _, p in rendered]
+    samples = [Sample(prompt=shown, base=b, adapter=a) for (shown, _), b, a in zip(rendered, base_replies, ad_replies)]
     trained_score = None
     if trained is not None:
         with InferenceSession(Path(trained), n_ctx=n_ctx, threads=threads) as tr_s:
@@ -147,18 +160,34 @@ def evaluate(
         trained=trained_score,
         samples=samples,
         n_texts=len(token_lists),
-        n_truncated=sum(len(t) > n_ctx + 1 for t in token_lists),
+        n_truncated=sum(len(t.ids) > n_ctx + 1 for t in token_lists),
         n_ctx=n_ctx,
         base_model=str(base_model),
         adapter_path=str(adapter),
     )
 
 
-def gate(report: EvalReport, *, margin: float, mode: str = "relative") -> tuple[bool, str]:
+def gate(
+    report: EvalReport, *, margin: float, mode: str = "relative", task: Any = None, min_score: float = 0.0
+) -> tuple[bool, str]:
     """Publish decision. ``relative`` (default): pass iff
     ``adapter_loss <= base_loss * (1 - margin)``; ``absolute``: pass iff
     ``adapter_loss <= base_loss - margin`` (margin in nats). A non-finite loss never passes.
-    Returns (passed, reason with the numbers)."""
+    With a ``task`` score (``trainer.task_eval.TaskScore``), the adapter's share must also reach
+    ``min_score``. Returns (passed, reason with the numbers)."""
+    passed, reason = _loss_gate(report, margin=margin, mode=mode)
+    if task is None:
+        return passed, reason
+    ok = task.adapter >= min_score
+    verdict = ">=" if ok else "<"
+    reason += (
+        f"; task score {task.adapter:.0%} {verdict} {min_score:.0%} required"
+        f" ({task.prompts} held-out prompts; base {task.base:.0%})"
+    )
+    return passed and ok, reason
+
+
+def _loss_gate(report: EvalReport, *, margin: float, mode: str) -> tuple[bool, str]:
     if mode not in GATE_MODES:
         raise ValueError(f"mode must be one of {GATE_MODES}, got {mode!r}")
     base, ad = report.base.loss, report.adapter.loss

@@ -12,6 +12,11 @@ over all adapted matrices reaches ``fidelity``, clamped to ``[min_rank, max_rank
 smallest matrix dimension). The per-matrix energies at that rank, and the minimum, are
 reported so a weak matrix is visible.
 
+The SVD is randomized (Halko, Martinsson and Tropp 2011: a Gaussian sketch of ``max_rank + 16``
+columns, two power iterations, then an exact SVD of the small projected matrix) whenever that is
+smaller than the matrix; the energy fractions divide by the delta's exact squared Frobenius norm,
+so they stay exact for the ranks kept.
+
 Factors are split evenly, ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T``, and ``alpha = rank``, so
 llama.cpp's scale ``alpha / rank`` is 1 and ``W_base + B @ A`` is the rank-``r`` approximation.
 """
@@ -28,8 +33,6 @@ import numpy as np
 
 from server.registry import write_lora_gguf
 from trainer.llama_opt import DEFAULT_TARGETS
-
-
 class EnergyReport(dict[str, float]):
     """Energy kept per adapted matrix at the chosen rank; ``float(report)`` is their mean,
     the number the rank was chosen on."""
@@ -90,20 +93,37 @@ def is_target(name: str, targets: Sequence[str]) -> bool:
     return len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in targets
 
 
-def energy_kept(s: np.ndarray, rank: int) -> float:
-    """Fraction of ``sum(s**2)`` in the first ``rank`` singular values (1.0 for a zero delta)."""
-    total = float(np.sum(np.square(s, dtype=np.float64)))
+def energy_kept(s: np.ndarray, rank: int, total: float | None = None) -> float:
+    """Fraction of the energy ``total`` (default ``sum(s**2)``: all singular values known) in the
+    first ``rank`` singular values (1.0 for a zero delta)."""
+    total = float(np.sum(np.square(s, dtype=np.float64))) if total is None else total
     if total == 0.0:
         return 1.0
     return float(np.sum(np.square(s[:rank], dtype=np.float64)) / total)
 
 
-def choose_rank(spectra: Mapping[str, np.ndarray], *, fidelity: float, min_rank: int, max_rank: int) -> int:
+def randomized_svd(m: np.ndarray, k: int, *, power_iters: int = 2, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """The top ``k`` singular triplets of ``m`` (u (n, k), s (k,), vt (k, d)), randomized."""
+    rng = np.random.default_rng(seed)
+    sketch = m @ rng.standard_normal((m.shape[1], k), dtype=np.float32)
+    q, _ = np.linalg.qr(sketch)
+    for _ in range(power_iters):  # sharpen the spectrum's decay before projecting
+        q, _ = np.linalg.qr(m.T @ q)
+        q, _ = np.linalg.qr(m @ q)
+    u_small, s, vt = np.linalg.svd(q.T @ m, full_matrices=False)
+    return q @ u_small, s, vt
+
+
+def choose_rank(
+    spectra: Mapping[str, np.ndarray], *, fidelity: float, min_rank: int, max_rank: int,
+    totals: Mapping[str, float] | None = None,
+) -> int:
     """Smallest rank whose mean energy over ``spectra`` reaches ``fidelity``, clamped to
     ``[min_rank, max_rank]`` and to the largest rank any matrix has."""
+    totals = totals or {}
     cap = min(max_rank, max(len(s) for s in spectra.values()))
     for r in range(1, cap + 1):
-        if np.mean([energy_kept(s, r) for s in spectra.values()]) >= fidelity:
+        if np.mean([energy_kept(s, r, totals.get(n)) for n, s in spectra.items()]) >= fidelity:
             return max(r, min(min_rank, cap))
     return cap
 
@@ -112,15 +132,24 @@ class DeltaSpectra:
     """Owns the SVD of ``W_trained - W_base`` for every target matrix of one training run, so
     several ranks can be tried without re-reading the models."""
 
-    def __init__(self, svds: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], skipped: list[str]) -> None:
+    def __init__(
+        self, svds: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], skipped: list[str],
+        totals: dict[str, float] | None = None,
+    ) -> None:
         if not svds:
             raise ValueError("training changed none of the target matrices; nothing to extract")
         self.svds = svds
         self.skipped = skipped
+        self.totals = totals or {}
+        """Exact squared Frobenius norm of each delta (the energy the fractions divide by)."""
 
     @classmethod
-    def load(cls, base_f32: Path, trained: Path, *, targets: Sequence[str] = DEFAULT_TARGETS) -> DeltaSpectra:
-        """Read both FP32 GGUFs and factorise every target delta (exactly-zero deltas are skipped)."""
+    def load(
+        cls, base_f32: Path, trained: Path, *, targets: Sequence[str] = DEFAULT_TARGETS, max_rank: int | None = None
+    ) -> DeltaSpectra:
+        """Read both FP32 GGUFs and factorise every target delta (exactly-zero deltas are skipped).
+        With ``max_rank``, only the top ``max_rank + 16`` singular values are computed, by a
+        randomized SVD, where that is smaller than the matrix."""
         base_t, trained_t = _tensors(base_f32), _tensors(trained)
         names = sorted(n for n in base_t if is_target(n, targets))
         if not names:
@@ -129,6 +158,7 @@ class DeltaSpectra:
         if missing:
             raise ValueError(f"{trained} lacks {len(missing)} target tensors, e.g. {missing[0]}")
         svds: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        totals: dict[str, float] = {}
         skipped: list[str] = []
         for name in names:
             w0, w1 = _as_f32_matrix(base_t[name]), _as_f32_matrix(trained_t[name])
@@ -140,8 +170,13 @@ class DeltaSpectra:
                 continue
             if not np.all(np.isfinite(delta)):
                 raise ValueError(f"{name}: trained weights hold NaN/Inf")
-            svds[name] = np.linalg.svd(delta, full_matrices=False)
-        return cls(svds, skipped)
+            totals[name] = float(np.sum(np.square(delta, dtype=np.float64)))
+            k = None if max_rank is None else max_rank + 16
+            if k is not None and k < min(delta.shape) // 2:
+                svds[name] = randomized_svd(delta, k)
+            else:
+                svds[name] = np.linalg.svd(delta, full_matrices=False)
+        return cls(svds, skipped, totals)
 
     @property
     def spectra(self) -> dict[str, np.ndarray]:
@@ -167,9 +202,10 @@ class DeltaSpectra:
                 raise ValueError(f"rank must be in [1, {self.max_rank}], got {rank}")
             r = rank
         else:
-            r = choose_rank(spectra, fidelity=fidelity, min_rank=min_rank, max_rank=max_rank)
+            r = choose_rank(spectra, fidelity=fidelity, min_rank=min_rank, max_rank=max_rank, totals=self.totals)
         cap = min(max(max_rank, r), self.max_rank)
-        curve = [float(np.mean([energy_kept(s, k) for s in spectra.values()])) for k in range(1, cap + 1)]
+        curve = [float(np.mean([energy_kept(s, k, self.totals.get(n)) for n, s in spectra.items()]))
+                 for k in range(1, cap + 1)]  # fmt: skip
 
         pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         energy = EnergyReport()
@@ -181,7 +217,7 @@ class DeltaSpectra:
             a[:k] = root[:, None] * vt[:k, :]
             b[:, :k] = u[:, :k] * root[None, :]
             pairs[name] = (a, b)
-            energy[name] = energy_kept(s, r)
+            energy[name] = energy_kept(s, r, self.totals.get(name))
         return Extraction(
             pairs=pairs, rank=r, alpha=float(r), energy=energy, curve=curve, fidelity=fidelity, skipped=list(self.skipped)
         )
@@ -206,7 +242,7 @@ def extract_lora(
         raise ValueError(f"fidelity must be in (0, 1], got {fidelity}")
     if not 1 <= min_rank <= max_rank:
         raise ValueError(f"need 1 <= min_rank <= max_rank, got {min_rank}, {max_rank}")
-    spectra = DeltaSpectra.load(base_f32, trained, targets=targets)
+    spectra = DeltaSpectra.load(base_f32, trained, targets=targets, max_rank=max(max_rank, rank or 0))
     return spectra.extract(fidelity=fidelity, max_rank=max_rank, min_rank=min_rank, rank=rank)
 
 

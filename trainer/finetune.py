@@ -1,19 +1,19 @@
-"""Full fine-tuning of the FP32 base through llama.cpp's training API, with progress callbacks.
+"""Training through llama.cpp's training API: a LoRA trained directly, or a full finetune.
 
-Owns: the training run — its typed config (:class:`TrainConfig`), the FP32 copy of the
-quantized base (dequantized once with ``gguf`` and cached by the base file's sha256),
-turning rendered texts into token windows, the step loop with learning-rate schedule,
+Owns: the training run — its typed config (:class:`TrainConfig`), the initial LoRA (A random, B
+zero, as PEFT does), the FP32 copy of the quantized base for the full finetune (dequantized
+once with ``gguf`` and cached by the base file's sha256), tokenizing and packing the items
+(:mod:`trainer.packing`), the step loop with learning-rate schedule, checkpoints and resume,
 progress callbacks and cooperative stop, and the result (:class:`TrainedModel`).
 
-The LoRA adapter is not trained directly: the target matrices are trained in full (plain SGD
-keeps the update close to low rank) and :mod:`trainer.extract` factorises ``W_trained - W_base``.
+``method = "lora"`` (the default): the A and B tensors of rank ``rank`` on ``targets`` are the
+only parameters; the base (the served quantized file, or its F32 copy with
+``quantized_base = false``) stays frozen, and the adapter is written straight from the trained
+tensors. ``method = "full"``: the target matrices train in full on the F32 copy and
+:mod:`trainer.extract` factorises ``W_trained - W_base`` afterwards (kept as a measured
+alternative; it needs a second FP32 model and an SVD).
 
-Windows: all texts are tokenized (special tokens parsed, nothing added: the texts are already
-rendered with the chat template) and concatenated in order into one stream, which is cut into
-windows of ``n_ctx + 1`` tokens with stride ``n_ctx`` (the label of the last input token is the
-first token of the next window). The last, short window is completed by wrapping around to the
-start of the stream, so no padding token is ever a training target (llama.cpp's training labels
-have no ignore index). A stream shorter than one window is repeated to fill it.
+Loss: only assistant tokens (and their end-of-turn token) are targets; see :mod:`trainer.packing`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -33,11 +33,15 @@ from typing import IO, Any
 import gguf
 import numpy as np
 
+from server.chat_template import ChatTemplate
 from server.gguf_info import sha256_file
+from server.registry import write_lora_gguf
 from trainer.llama_opt import DEFAULT_TARGETS, OPTIMIZERS, TrainSession
+from trainer.packing import Example, Packing, pack, tokenize_example
 
 Callback = Callable[[dict[str, Any]], None]
 SCHEDULES = ("constant", "cosine")
+METHODS = ("lora", "full")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -71,6 +75,14 @@ class TrainConfig:
     schedule: str = "constant"
     lr_min: float = 0.0
     shuffle: bool = True
+    method: str = "lora"
+    rank: int = 16
+    alpha: float = 32.0
+    quantized_base: bool = True
+    """LoRA over the served (quantized) base file; False: over its F32 copy."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints of the LoRA (a killed run resumes from the last one); 0: none."""
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         self.base_model = Path(self.base_model)
@@ -91,11 +103,19 @@ class TrainConfig:
             problems.append("targets must name at least one matrix, e.g. attn_q")
         if self.threads < 1:
             problems.append(f"threads must be >= 1, got {self.threads}")
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.rank < 1:
+            problems.append(f"rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            problems.append(f"alpha must be > 0, got {self.alpha}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
     def lr_at(self, step: int, total_steps: int) -> float:
-        """Learning rate for 0-based ``step`` of ``total_steps``."""
+        """Learning rate for 0-based ``step`` of ``total_steps`` (linear warm-up first)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / (self.warmup_steps + 1)
         if self.schedule == "constant" or total_steps <= 1:
             return self.lr
         frac = step / (total_steps - 1)
@@ -112,11 +132,12 @@ class TrainConfig:
 
 @dataclass
 class TrainedModel:
-    """What a training run produced: the FP32 base it started from, the trained FP32 GGUF,
-    and the numbers that describe the run."""
+    """What a training run produced and the numbers that describe it. LoRA runs: ``adapter``
+    (the LoRA GGUF) and ``rank``/``alpha``; full runs: ``base_f32`` and the trained FP32 GGUF
+    ``trained``, for :mod:`trainer.extract`."""
 
-    base_f32: Path
-    trained: Path
+    base_f32: Path | None
+    trained: Path | None
     steps: int
     tokens: int
     tokens_per_s: float
@@ -125,11 +146,17 @@ class TrainedModel:
     epoch_losses: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     base_sha256: str = ""
+    method: str = "full"
+    adapter: Path | None = None
+    rank: int = 0
+    alpha: float = 0.0
+    packing: dict[str, Any] = field(default_factory=dict)
+    resumed_from_step: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["base_f32"] = str(self.base_f32)
-        d["trained"] = str(self.trained)
+        for k in ("base_f32", "trained", "adapter"):
+            d[k] = str(d[k]) if d[k] is not None else None
         return d
 
 
@@ -255,67 +282,196 @@ class JsonlWriter:
 # Training
 
 
+def initial_lora(base_model: Path, targets: Sequence[str], rank: int, alpha: float, seed: int, dest: Path,
+                 *, architecture: str) -> Path:
+    """Write the starting LoRA for ``base_model``: for every ``blk.N.<target>.weight``, A (rank,
+    n_in) uniform in +-1/sqrt(n_in) (PEFT's Kaiming-uniform default) and B (n_out, rank) = 0, so
+    the adapter starts as the identity and every gradient reaches B first."""
+    reader = gguf.GGUFReader(base_model)
+    rng = np.random.default_rng(seed)
+    suffixes = tuple(f".{t}.weight" for t in targets)
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and t.name.endswith(suffixes) and len(t.shape) == 2:
+            n_in, n_out = int(t.shape[0]), int(t.shape[1])  # ggml ne order
+            bound = 1.0 / math.sqrt(n_in)
+            pairs[t.name] = (
+                rng.uniform(-bound, bound, size=(rank, n_in)).astype(np.float32),
+                np.zeros((n_out, rank), dtype=np.float32),
+            )
+    if not pairs:
+        raise ValueError(f"no tensor of {base_model} matches targets {list(targets)}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    write_lora_gguf(tmp, architecture=architecture, pairs=pairs, alpha=alpha)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _architecture(path: Path) -> str:
+    return str(gguf.GGUFReader(path).fields["general.architecture"].contents())
+
+
+@dataclass
+class Checkpoint:
+    """A LoRA run's last checkpoint: the adapter after ``step`` steps, and what must match to
+    resume from it (``key``: config, data and base)."""
+
+    dir: Path
+
+    @property
+    def adapter(self) -> Path:
+        return self.dir / "checkpoint.gguf"
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "checkpoint.json"
+
+    def load(self, key: str) -> tuple[int, str]:
+        """(step to resume at, why not when 0)."""
+        if not self.state.exists() or not self.adapter.exists():
+            return 0, "no checkpoint"
+        try:
+            state = json.loads(self.state.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            return 0, f"unreadable checkpoint state ({exc})"
+        if state.get("key") != key:
+            return 0, "the checkpoint is of another config, dataset or base"
+        if sha256_file(self.adapter) != state.get("sha256"):
+            return 0, "the checkpoint adapter does not match its recorded checksum"
+        return int(state.get("step", 0)), ""
+
+    def save(self, sess: TrainSession, *, step: int, key: str, architecture: str, alpha: float) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".checkpoint.{os.getpid()}.tmp"
+        write_lora_gguf(tmp, architecture=architecture, pairs=sess.lora_pairs(), alpha=alpha)
+        os.replace(tmp, self.adapter)
+        state_tmp = self.dir / f".checkpoint.{os.getpid()}.json.tmp"
+        state_tmp.write_text(json.dumps({"key": key, "step": step, "sha256": sha256_file(self.adapter)}))
+        os.replace(state_tmp, self.state)
+
+    def clear(self) -> None:
+        for p in (self.adapter, self.state):
+            p.unlink(missing_ok=True)
+
+
+def _run_key(cfg: TrainConfig, sha: str, packing: Packing, windows_sha: str) -> str:
+    import hashlib
+
+    hp = cfg.hyperparameters()
+    hp.pop("cache_dir", None)
+    hp.pop("checkpoint_every", None)
+    return hashlib.sha256(json.dumps([hp, sha, windows_sha, len(packing.windows)], sort_keys=True).encode()).hexdigest()
+
+
 def train(
     cfg: TrainConfig,
-    texts: list[str],
+    examples: Sequence[Example | str],
     *,
+    template: ChatTemplate | None = None,
     callbacks: Sequence[Callback] = (),
     stop: threading.Event | None = None,
     out_path: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    metadata: Mapping[str, str | int | float] | None = None,
     verbose: bool = False,
 ) -> TrainedModel:
-    """Fine-tune the target matrices of ``cfg.base_model`` (as FP32) on ``texts``.
+    """Train on ``examples`` (dataset items: a conversation, or a plain ``text``).
 
-    ``texts`` are already rendered with the chat template. Every step trains one window;
-    after it, each callback gets ``{step, total_steps, loss, tokens_per_s, eta_s, lr, epoch}``.
-    If ``stop`` is set, training ends before the next step and :class:`TrainingInterrupted`
-    is raised (llama.cpp state is freed, no output written). The trained FP32 GGUF goes to
-    ``out_path`` (default ``cache_dir/trained/<base sha256>.gguf``, overwritten per run).
+    Conversations are tokenized with the one tokenization the server uses and packed
+    (:mod:`trainer.packing`); only assistant turns are targets. Every step trains one window;
+    after it, each callback gets ``{step, total_steps, loss, tokens_per_s, eta_s, lr, epoch}``
+    (``loss``: mean over the window's target tokens). If ``stop`` is set, training ends before
+    the next step and :class:`TrainingInterrupted` is raised (no output written; a LoRA run
+    keeps its last checkpoint in ``checkpoint_dir`` and the next run with the same config and
+    data resumes from it). Output: the LoRA GGUF (``method = "lora"``, default
+    ``cache_dir/trained/<base sha256>.lora.gguf``) or the trained FP32 GGUF (``"full"``).
     """
-    if not texts:
-        raise ValueError("no training texts")
-    t0 = time.perf_counter()
-    base_f32, sha = f32_base(cfg.base_model, cfg.cache_dir)
-    out = Path(out_path) if out_path is not None else cfg.cache_dir / "trained" / f"{sha}.gguf"
-    rng = random.Random(cfg.seed)
+    if not examples:
+        raise ValueError("no training examples")
+    if template is None:
+        from trainer.dataset import load_template
 
+        template = load_template(cfg.base_model)
+    t0 = time.perf_counter()
+    lora = cfg.method == "lora"
+    sha = sha256_file(cfg.base_model)
+    base_f32: Path | None = None
+    if not lora or not cfg.quantized_base:
+        base_f32, sha = f32_base(cfg.base_model, cfg.cache_dir, sha256=sha)
+    model_path = cfg.base_model if lora and cfg.quantized_base else base_f32
+    assert model_path is not None
+    suffix = "lora.gguf" if lora else "gguf"
+    out = Path(out_path) if out_path is not None else cfg.cache_dir / "trained" / f"{sha}.{suffix}"
+    architecture = _architecture(cfg.base_model)
+    ckpt = Checkpoint(Path(checkpoint_dir)) if (lora and checkpoint_dir is not None) else None
+    init = cfg.cache_dir / "trained" / f"{sha}.init-r{cfg.rank}-s{cfg.seed}.lora.gguf"
+    if lora:
+        initial_lora(cfg.base_model, cfg.targets, cfg.rank, cfg.alpha, cfg.seed, init, architecture=architecture)
+
+    # Tokenize and pack with the base's vocabulary (loaded alone: cheap, no weights).
+    from trainer.llama_opt import VocabOnly
+
+    with VocabOnly(cfg.base_model) as vocab:
+        convs = [tokenize_example(vocab, template, ex) for ex in examples]
+        pad_id = vocab.eos
+    packing = pack(convs, cfg.n_ctx, pad_id)
+    if not packing.windows:
+        raise ValueError("no training window: no example has an assistant token to learn")
+    import hashlib
+
+    wh = hashlib.sha256()
+    for w in packing.windows:
+        wh.update(np.asarray(w.inputs + w.labels, dtype=np.int32).tobytes())
+    key = _run_key(cfg, sha, packing, wh.hexdigest())
+    start_step, resume_note = (0, "")
+    if ckpt is not None:
+        start_step, resume_note = ckpt.load(key)
+    start_from = ckpt.adapter if (ckpt is not None and start_step > 0) else init
+
+    rng = random.Random(cfg.seed)
+    total = len(packing.windows) * cfg.epochs
     with TrainSession(
-        base_f32,
+        model_path,
         n_ctx=cfg.n_ctx,
         threads=cfg.threads,
         optimizer=cfg.optimizer,
         targets=cfg.targets,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
+        lora=start_from if lora else None,
         verbose=verbose,
     ) as sess:
-        windows = make_windows([sess.tokenize(t) for t in texts], cfg.n_ctx)
-        if not windows:
-            raise ValueError("texts tokenized to fewer than 2 tokens")
-        total = len(windows) * cfg.epochs
         step, tokens, first_loss, loss = 0, 0, float("nan"), float("nan")
         epoch_losses: list[float] = []
         t_train = time.perf_counter()
+        trained_tokens = 0
         for epoch in range(cfg.epochs):
-            order = list(range(len(windows)))
+            order = list(range(len(packing.windows)))
             if cfg.shuffle:
                 rng.shuffle(order)
-            losses = []
+            losses, weights = [], []
             for i in order:
+                if step < start_step:  # resuming: these steps are in the checkpoint
+                    step += 1
+                    continue
                 if stop is not None and stop.is_set():
                     raise TrainingInterrupted(step, total)
                 lr = cfg.lr_at(step, total)
                 sess.set_lr(lr)
-                loss = sess.step(windows[i])
+                w = packing.windows[i]
+                loss = sess.step(w.inputs, w.labels)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {step + 1}; lower lr (now {lr:g})")
                 step += 1
                 tokens += cfg.n_ctx
+                trained_tokens += cfg.n_ctx
                 losses.append(loss)
-                if step == 1:
+                weights.append(w.n_labelled)
+                if math.isnan(first_loss):
                     first_loss = loss
                 elapsed = time.perf_counter() - t_train
-                tps = tokens / elapsed if elapsed > 0 else 0.0
+                tps = trained_tokens / elapsed if elapsed > 0 else 0.0
                 event = {
                     "step": step,
                     "total_steps": total,
@@ -327,28 +483,52 @@ def train(
                 }
                 for cb in callbacks:
                     cb(event)
-            epoch_losses.append(float(np.mean(losses)))
+                if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                    ckpt.save(sess, step=step, key=key, architecture=architecture, alpha=cfg.alpha)
+            if losses:
+                epoch_losses.append(float(np.average(losses, weights=weights)))
         train_s = time.perf_counter() - t_train
         if stop is not None and stop.is_set():
             raise TrainingInterrupted(step, total)
-        sess.save(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if lora:
+            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+            write_lora_gguf(tmp, architecture=architecture, pairs=sess.lora_pairs(), alpha=cfg.alpha,
+                            metadata=metadata)  # fmt: skip
+            os.replace(tmp, out)
+        else:
+            sess.save(out)
+    if ckpt is not None:
+        ckpt.clear()
 
+    report = packing.report()
+    if resume_note and start_step == 0 and ckpt is not None and resume_note != "no checkpoint":
+        report["resume_refused"] = resume_note
     return TrainedModel(
         base_f32=base_f32,
-        trained=out,
+        trained=None if lora else out,
         steps=step,
         tokens=tokens,
-        tokens_per_s=tokens / train_s if train_s > 0 else 0.0,
+        tokens_per_s=trained_tokens / train_s if train_s > 0 else 0.0,
         final_loss=loss,
         first_loss=first_loss,
         epoch_losses=epoch_losses,
         wall_s=time.perf_counter() - t0,
         base_sha256=sha,
+        method=cfg.method,
+        adapter=out if lora else None,
+        rank=cfg.rank if lora else 0,
+        alpha=cfg.alpha if lora else 0.0,
+        packing=report,
+        resumed_from_step=start_step,
     )
 
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "METHODS",
+    "Checkpoint",
+    "initial_lora",
     "Callback",
     "ConsoleProgress",
     "JsonlWriter",

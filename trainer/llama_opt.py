@@ -3,10 +3,12 @@
 Owns: every ctypes call the trainer makes into llama.cpp / ggml. No other trainer module
 imports ``llama_cpp`` or ``ctypes``. Two classes:
 
-- :class:`TrainSession` owns one FP32 model loaded with writable weights, its training
-  context, the ggml-opt optimizer state, a one-window ``ggml_opt_dataset`` reused for every
-  step, and the ``ggml_opt_optimizer_params`` struct the optimizer reads before each step
-  (so the caller can change the learning rate between steps).
+- :class:`TrainSession` owns one training run's model, its training context, the ggml-opt
+  optimizer state, a one-window ``ggml_opt_dataset`` reused for every step, and the
+  ``ggml_opt_optimizer_params`` struct the optimizer reads before each step (so the caller can
+  change the learning rate between steps). Two modes: **LoRA** (``lora=`` an initial adapter
+  GGUF: its A and B tensors are the only parameters, the base, quantized or F32, stays frozen)
+  and **full** (the F32 model's target matrices train in place).
 - :class:`InferenceSession` owns a model + context used to score token windows (per-token
   negative log-likelihood from llama.cpp logits) and to generate greedily, optionally with a
   LoRA adapter attached through ``llama_adapter_lora_init`` / ``llama_set_adapters_lora``.
@@ -17,8 +19,12 @@ Facts about llama-cpp-python 0.3.36 (and the llama.cpp it vendors) that this mod
   and the ``llama_opt_init`` prototype are declared here from ``include/llama.h``;
 - a ctypes callback cannot return a struct, so the optimizer-params callback is llama.cpp's own
   ``ggml_opt_get_constant_optimizer_params`` pointed at a struct we own;
-- weights must be writable (``load_mode = LLAMA_LOAD_MODE_NONE``) and F32 (only F32 tensors
-  are made trainable, see ``llama_set_param`` in ``src/llama-context.cpp``);
+- trained tensors must be F32 (see ``llama_set_param`` in ``src/llama-context.cpp``), and for a
+  full finetune the weights writable (``load_mode = LLAMA_LOAD_MODE_NONE``);
+- three fixes to the vendored llama.cpp are needed (``patches/``, built into the wheel by the
+  Makefile): gradients reset at every optimizer step, a negative label is an ignore index (no
+  loss, no gradient), and ``llama_opt_init`` offers the context's LoRA tensors to the
+  parameter filter;
 - ``n_ubatch`` must equal ``n_ctx`` or the K and V projections get no gradient, and llama.cpp
   pads ``n_ctx`` to a multiple of 256, so training windows are multiples of 256 tokens;
 - one ``llama_opt_epoch`` call per window (a one-datapoint dataset): Python regains control
@@ -37,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 import llama_cpp.llama_cpp as llc
+from server.llama_vocab import LlamaVocab
 
 GGML_TYPE_F32 = 0
 GGML_TYPE_I32 = 26
@@ -168,7 +175,7 @@ def _load_model(path: Path, *, writable: bool) -> ctypes.c_void_p:
     return model
 
 
-def _new_context(model: ctypes.c_void_p, *, n_ctx: int, n_batch: int, threads: int, f32_cache: bool) -> ctypes.c_void_p:
+def _new_context(model: ctypes.c_void_p, *, n_ctx: int, n_batch: int, threads: int, f32_cache: bool) -> ctypes.c_void_p:  # noqa: E501
     cparams = llc.llama_context_default_params()
     cparams.n_ctx = n_ctx
     cparams.n_batch = n_batch
@@ -208,11 +215,9 @@ def _piece(vocab: ctypes.c_void_p, token: int) -> bytes:
     return buf.raw[:n]
 
 
-class VocabTokenizer:
-    """Counts tokens with a model's own vocabulary: the GGUF loaded vocab-only (no weights, fast).
-
-    Tokenizes as `trainer.finetune` does: special tokens parsed, nothing added (texts are rendered).
-    """
+class VocabOnly:
+    """A model's vocabulary loaded alone (no weights: fast), as the ``chat_template.Vocab`` the
+    one tokenization needs; ``eos`` is the padding id packing uses. Close it (or use ``with``)."""
 
     def __init__(self, model_path: Path, *, verbose: bool = False) -> None:
         _backend(verbose)
@@ -221,28 +226,56 @@ class VocabTokenizer:
         self.model = llc.llama_model_load_from_file(str(model_path).encode(), mparams)
         if not self.model:
             raise LlamaError(f"llama.cpp could not read the vocabulary of {model_path}")
-        self.vocab = llc.llama_model_get_vocab(self.model)
+        self._vocab = LlamaVocab(llc.llama_model_get_vocab(self.model))
+        self.add_bos = self._vocab.add_bos
+        eos = int(llc.llama_vocab_eos(self._vocab.vocab))
+        self.eos = eos if eos >= 0 else 0
 
-    def __call__(self, text: str) -> int:
-        return len(_tokenize(self.vocab, text, add_special=False, parse_special=True))
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        return self._vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
 
-    def __del__(self) -> None:
+    def is_eog(self, token: int) -> bool:
+        return self._vocab.is_eog(token)
+
+    def close(self) -> None:
         if getattr(self, "model", None):
             llc.llama_model_free(self.model)
             self.model = None
+
+    def __enter__(self) -> VocabOnly:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class VocabTokenizer(VocabOnly):
+    """Counts tokens with a model's own vocabulary (special tokens parsed, nothing added), for
+    the dataset report."""
+
+    def __call__(self, text: str) -> int:
+        return len(self.tokenize(text, add_special=False, parse_special=True))
 
 
 class _ModelHandle:
     """Owns a loaded llama_model, its vocab, and one llama_context; frees both on close()."""
 
-    def __init__(self, path: Path, *, n_ctx: int, n_batch: int, threads: int, writable: bool, verbose: bool) -> None:
+    def __init__(
+        self, path: Path, *, n_ctx: int, n_batch: int, threads: int, writable: bool, verbose: bool,
+        training: bool | None = None,
+    ) -> None:
         _backend(verbose)
         self.path = Path(path)
         self.model = _load_model(self.path, writable=writable)
         self.vocab = llc.llama_model_get_vocab(self.model)
         self.n_vocab = int(llc.llama_vocab_n_tokens(self.vocab))
+        self.text = LlamaVocab(self.vocab)
+        training = writable if training is None else training
         try:
-            self.ctx = _new_context(self.model, n_ctx=n_ctx, n_batch=n_batch, threads=threads, f32_cache=writable)
+            self.ctx = _new_context(self.model, n_ctx=n_ctx, n_batch=n_batch, threads=threads, f32_cache=training)
         except Exception:
             llc.llama_model_free(self.model)
             raise
@@ -270,13 +303,28 @@ class _ModelHandle:
             self.model = None
 
 
-class TrainSession:
-    """Owns one training run's llama.cpp state: writable FP32 model, training context,
-    optimizer (ggml-opt), the optimizer-params struct read before every step, and a
-    one-window dataset reused for every step.
+def _ggml_ne(tensor: int) -> tuple[int, ...]:
+    """``ggml_tensor.ne`` (4 dims): in ggml.h the struct opens with ``enum ggml_type type`` and
+    ``struct ggml_backend_buffer * buffer``, so on 64-bit targets ``ne`` sits at offset 16."""
+    return tuple(int(d) for d in (ctypes.c_int64 * 4).from_address(tensor + 16))
 
-    One :meth:`step` = one window of ``n_ctx`` input tokens (labels are the same tokens shifted
-    by one) = one forward + backward + optimizer step, returning that window's mean loss.
+
+IGNORE_INDEX = -1
+"""A label with this value (any negative one) adds no loss and no gradient (patched llama.cpp)."""
+
+
+class TrainSession:
+    """Owns one training run's llama.cpp state: the model, the training context, the optimizer
+    (ggml-opt), the optimizer-params struct read before every step, and a one-window dataset
+    reused for every step.
+
+    ``lora`` (a LoRA GGUF for this base, e.g. A random and B = 0): the adapter is attached to the
+    context and its A/B tensors are the only parameters; the base model stays frozen and may be
+    quantized. Without it, the F32 model's ``targets`` matrices train in place (full finetune).
+
+    One :meth:`step` = one window: ``n_ctx`` input tokens and ``n_ctx`` labels (the next token,
+    or :data:`IGNORE_INDEX`), one forward + backward + optimizer step, returning the mean
+    cross-entropy over the labelled positions only.
     """
 
     def __init__(
@@ -289,6 +337,7 @@ class TrainSession:
         targets: Sequence[str] = DEFAULT_TARGETS,
         lr: float = 2e-3,
         weight_decay: float = 0.0,
+        lora: Path | None = None,
         verbose: bool = False,
     ) -> None:
         if n_ctx <= 0 or n_ctx % 256:
@@ -298,13 +347,22 @@ class TrainSession:
         self._ggml = _ggml()
         self.optimizer = optimizer
         self.targets = tuple(targets)
+        self.lora_path = Path(lora) if lora is not None else None
         self.trainable: list[str] = []
-        self._h = _ModelHandle(model_path, n_ctx=n_ctx, n_batch=n_ctx, threads=threads, writable=True, verbose=verbose)
+        self._tensors: dict[str, int] = {}
+        self._adapter = None
+        self._h = _ModelHandle(
+            model_path, n_ctx=n_ctx, n_batch=n_ctx, threads=threads, writable=lora is None, verbose=verbose,
+            training=True,
+        )
         if self._h.n_ctx != n_ctx:
             self.close()
             raise LlamaError(f"llama.cpp made a context of {self._h.n_ctx} tokens, asked for {n_ctx}")
         self.n_ctx = n_ctx
+        self.lr = lr
         try:
+            if self.lora_path is not None:
+                self._attach(self.lora_path)
             self._warm_up()
         except Exception:
             self.close()
@@ -315,12 +373,17 @@ class TrainSession:
             sgd_alpha=lr, sgd_wd=weight_decay,
         )  # fmt: skip
         suffixes = tuple(f".{t}.weight" for t in self.targets)
+        lora_mode = self.lora_path is not None
 
         def keep(tensor: int, _ud: int) -> bool:
             name = (self._ggml.get_name(tensor) or b"").decode()
-            chosen = name.startswith("blk.") and name.endswith(suffixes)
+            if lora_mode:
+                chosen = name.startswith("blk.") and name.endswith((".lora_a", ".lora_b"))
+            else:
+                chosen = name.startswith("blk.") and name.endswith(suffixes)
             if chosen:
                 self.trainable.append(name)
+                self._tensors[name] = int(tensor)
             return chosen
 
         self._filter = _PARAM_FILTER(keep)  # must outlive llama_opt_init
@@ -334,13 +397,26 @@ class TrainSession:
         )
         _opt_init(self._h.ctx, self._h.model, params)
         if not self.trainable:
+            what = f"LoRA tensors of {self.lora_path}" if lora_mode else f"F32 tensor of {model_path} matched targets {self.targets}"
             self.close()
-            raise LlamaError(f"no F32 tensor of {model_path} matched targets {self.targets}")
+            raise LlamaError(
+                f"no {what} became trainable"
+                + (" (is the llama-cpp-python wheel built with patches/? run `make setup`)" if lora_mode else "")
+            )
 
         self._dataset = self._ggml.dataset_init(GGML_TYPE_I32, GGML_TYPE_I32, n_ctx, n_ctx, 1, 1)
         self._result = self._ggml.result_init()
         self._data = self._ggml.get_data(self._ggml.dataset_data(self._dataset))
         self._labels = self._ggml.get_data(self._ggml.dataset_labels(self._dataset))
+
+    def _attach(self, path: Path) -> None:
+        self._adapter = llc.llama_adapter_lora_init(self._h.model, str(path).encode())
+        if not self._adapter:
+            raise LlamaError(f"llama_adapter_lora_init refused {path} for base {self._h.path}")
+        arr = (llc.llama_adapter_lora_p_ctypes * 1)(self._adapter)
+        scales = (ctypes.c_float * 1)(1.0)
+        if llc.llama_set_adapters_lora(self._h.ctx, arr, 1, scales) != 0:
+            raise LlamaError(f"llama_set_adapters_lora failed for {path}")
 
     def _warm_up(self) -> None:
         """One-token decode: sets the CPU backend's thread count, which llama_opt_epoch does not."""
@@ -353,30 +429,76 @@ class TrainSession:
     def n_vocab(self) -> int:
         return self._h.n_vocab
 
+    @property
+    def vocab(self) -> LlamaVocab:
+        """The model's vocabulary for ``server.chat_template.tokenize_conversation``."""
+        return self._h.text
+
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
         return self._h.tokenize(text, add_special=add_special, parse_special=parse_special)
 
     def set_lr(self, lr: float, weight_decay: float | None = None) -> None:
         """Learning rate (and optionally weight decay) used by the next optimizer step."""
+        self.lr = lr
         self._opt_pars.adamw_alpha = self._opt_pars.sgd_alpha = lr
         if weight_decay is not None:
             self._opt_pars.adamw_wd = self._opt_pars.sgd_wd = weight_decay
 
-    def step(self, window: Sequence[int]) -> float:
-        """Train on one window of ``n_ctx + 1`` tokens; returns the window's mean cross-entropy."""
-        if len(window) != self.n_ctx + 1:
-            raise ValueError(f"a window holds n_ctx + 1 = {self.n_ctx + 1} tokens, got {len(window)}")
-        arr = np.asarray(window, dtype=np.int32)
-        if arr.min() < 0 or arr.max() >= self.n_vocab:
+    def step(self, inputs: Sequence[int], labels: Sequence[int] | None = None) -> float:
+        """One optimizer step on one window; returns the mean cross-entropy of the labelled
+        positions. ``labels=None``: ``inputs`` holds ``n_ctx + 1`` tokens and every next token
+        is a label (the unmasked case).
+
+        llama.cpp's loss (and so its gradient) is the sum over labelled positions divided by
+        ``n_ctx``. For SGD the step's learning rate is scaled by ``n_ctx / labelled`` so that an
+        update is the gradient of the mean over labelled tokens; AdamW is invariant to that scale.
+        """
+        if labels is None:
+            if len(inputs) != self.n_ctx + 1:
+                raise ValueError(f"a window holds n_ctx + 1 = {self.n_ctx + 1} tokens, got {len(inputs)}")
+            labels = inputs[1:]
+            inputs = inputs[:-1]
+        x = np.asarray(inputs, dtype=np.int32)
+        y = np.asarray(labels, dtype=np.int32)
+        if len(x) != self.n_ctx or len(y) != self.n_ctx:
+            raise ValueError(f"inputs and labels must hold n_ctx = {self.n_ctx} tokens, got {len(x)} and {len(y)}")
+        if x.min() < 0 or x.max() >= self.n_vocab or y.max() >= self.n_vocab:
             raise ValueError("token id out of range for this vocabulary")
+        y = np.where(y < 0, IGNORE_INDEX, y).astype(np.int32)
+        n_labelled = int((y >= 0).sum())
+        if n_labelled == 0:
+            raise ValueError("a window with no labelled position trains nothing")
+        scale = self.n_ctx / n_labelled
+        if self.optimizer == "sgd":
+            self._opt_pars.sgd_alpha = self.lr * scale
         n = self.n_ctx * 4
-        ctypes.memmove(self._data, arr[:-1].ctypes.data, n)
-        ctypes.memmove(self._labels, arr[1:].ctypes.data, n)
+        ctypes.memmove(self._data, x.ctypes.data, n)
+        ctypes.memmove(self._labels, y.ctypes.data, n)
         self._ggml.result_reset(self._result)
         _opt_epoch(self._h.ctx, self._dataset, self._result, None, 1, None, None)
         loss = ctypes.c_double()
         self._ggml.result_loss(self._result, ctypes.byref(loss), None)
-        return float(loss.value)
+        return float(loss.value) * scale
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A copy of the current values of trainable tensor ``name``, as an F32 array of ggml's
+        shape reversed (numpy order: a LoRA A is (rank, n_in), B is (n_out, rank))."""
+        ptr = self._tensors[name]
+        ne = _ggml_ne(ptr)
+        if ne[2:] != (1, 1):
+            raise LlamaError(f"{name} is not a matrix (ne {ne})")
+        count = ne[0] * ne[1]
+        if count * 4 != int(self._ggml.nbytes(ptr)):
+            raise LlamaError(f"{name}: {ne} F32 elements do not match ggml_nbytes {self._ggml.nbytes(ptr)}")
+        buf = (ctypes.c_float * count).from_address(self._ggml.get_data(ptr))
+        return np.ctypeslib.as_array(buf).reshape(ne[1], ne[0]).copy()
+
+    def lora_pairs(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The trained LoRA: base tensor name -> (A, B), as ``server.registry.write_lora_gguf`` takes."""
+        if self.lora_path is None:
+            raise LlamaError("lora_pairs() needs a LoRA session (lora=...)")
+        names = sorted({n.rsplit(".", 1)[0] for n in self._tensors})
+        return {n: (self.tensor(f"{n}.lora_a"), self.tensor(f"{n}.lora_b")) for n in names}
 
     def save(self, path: Path) -> Path:
         """Write the model with its current (trained) weights as a GGUF (llama_model_save_to_file).
@@ -398,6 +520,11 @@ class TrainSession:
         if getattr(self, "_result", None):
             g.result_free(self._result)
             self._result = None
+        if getattr(self, "_adapter", None):
+            if getattr(self._h, "ctx", None):
+                llc.llama_set_adapters_lora(self._h.ctx, None, 0, None)
+            llc.llama_adapter_lora_free(self._adapter)
+            self._adapter = None
         self._h.close()
 
     def __enter__(self) -> TrainSession:
@@ -440,6 +567,11 @@ class InferenceSession:
     def n_vocab(self) -> int:
         return self._h.n_vocab
 
+    @property
+    def vocab(self) -> LlamaVocab:
+        """The model's vocabulary for ``server.chat_template.tokenize_conversation``."""
+        return self._h.text
+
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
         return self._h.tokenize(text, add_special=add_special, parse_special=parse_special)
 
@@ -476,10 +608,15 @@ class InferenceSession:
         lse = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
         return lse - logits[np.arange(len(inputs)), labels]
 
-    def generate(self, prompt: str, *, max_tokens: int = 64) -> str:
-        """Greedy (argmax) continuation of ``prompt`` (special tokens parsed), stopping at an
-        end-of-generation token, ``max_tokens`` or the context size."""
-        tokens = self.tokenize(prompt)
+    def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 64) -> str:
+        """Greedy (argmax) continuation of ``prompt`` (token ids, or a rendered string whose
+        special tokens are parsed), stopping at an end-of-generation token, ``max_tokens`` or the
+        context size."""
+        return self.detokenize(self.generate_ids(prompt, max_tokens=max_tokens))
+
+    def generate_ids(self, prompt: str | Sequence[int], *, max_tokens: int = 64) -> list[int]:
+        """The token ids :meth:`generate` detokenizes."""
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if len(tokens) >= self.n_ctx:
             raise ValueError(f"prompt of {len(tokens)} tokens does not fit the {self.n_ctx}-token context")
         self._h.clear_memory()
@@ -493,7 +630,7 @@ class InferenceSession:
             out.append(nxt)
             self._decode([nxt], pos, all_logits=False)
             pos += 1
-        return self.detokenize(out)
+        return out
 
     def close(self) -> None:
         if getattr(self, "_adapter", None):
@@ -520,5 +657,6 @@ __all__ = [
     "InferenceSession",
     "LlamaError",
     "TrainSession",
+    "VocabOnly",
     "perplexity",
 ]

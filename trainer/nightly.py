@@ -305,13 +305,13 @@ def _run_stages(
     run_dir: Path,
 ) -> None:
     from server import registry
+    from server.chat_template import ChatTemplate
     from server.gguf_info import BaseModelInfo
 
     metrics = outcome.metrics
     # 1. dataset
     _check(stop, "the dataset")
     base = BaseModelInfo.load(cfg.base_model)
-    from server.chat_template import ChatTemplate
 
     data: Dataset = build_dataset(
         cfg, adapter, template=ChatTemplate.from_model(base), count_tokens=count_tokens, now=now
@@ -366,62 +366,88 @@ def _run_stages(
         seed=t.seed,
         schedule=t.schedule,
         lr_min=t.lr_min,
+        method=t.method,
+        rank=t.rank,
+        alpha=t.alpha,
+        quantized_base=t.quantized_base,
+        checkpoint_every=t.checkpoint_every,
+        warmup_steps=t.warmup_steps,
     )
+    template = ChatTemplate.from_model(base)
+    hyper = _hyperparameters(cfg, adapter)
+    lora_meta = {
+        "training.base_sha256": base.sha256,
+        "training.dataset_sha256": data.fingerprint,
+        "training.code_version": _code_version(),
+        "training.hyperparameters": json.dumps(hyper, sort_keys=True),
+    }
+    lora_path = run_dir / "adapter.gguf"
     started = time.monotonic()
     try:
         with JsonlWriter(run_dir / "progress.jsonl") as progress_file:
-            trained = train(train_cfg, [i.text for i in data.train], callbacks=(*callbacks, progress_file), stop=stop)
+            trained = train(
+                train_cfg,
+                data.train,
+                template=template,
+                callbacks=(*callbacks, progress_file),
+                stop=stop,
+                out_path=lora_path if t.method == "lora" else None,
+                checkpoint_dir=cfg.cache_dir / "checkpoints" / adapter.name,
+                metadata=lora_meta,
+            )
     except TrainingInterrupted as exc:
         raise Interrupted(f"training stopped: {exc}") from exc
     metrics["train"] = {
+        "method": trained.method,
         "steps": trained.steps,
         "tokens": trained.tokens,
         "tokens_per_s": trained.tokens_per_s,
+        "first_loss": trained.first_loss,
         "final_loss": trained.final_loss,
+        "epoch_losses": trained.epoch_losses,
         "seconds": round(time.monotonic() - started, 2),
+        "packing": trained.packing,
+        "resumed_from_step": trained.resumed_from_step,
     }
-    say(f"[{adapter.name}] trained: {trained.steps} steps, {trained.tokens} tokens, "
-        f"{trained.tokens_per_s:.0f} tokens/s, final loss {trained.final_loss:.3f}")  # fmt: skip
+    resumed = f", resumed at step {trained.resumed_from_step}" if trained.resumed_from_step else ""
+    say(f"[{adapter.name}] trained ({trained.method}): {trained.steps} steps, {trained.tokens} tokens, "
+        f"{trained.tokens_per_s:.0f} tokens/s, loss on answers {trained.first_loss:.3f} -> {trained.final_loss:.3f}; "
+        f"{trained.packing.get('items_cut', 0)} of {trained.packing.get('items', 0)} items cut by the "
+        f"{t.n_ctx}-token window{resumed}")  # fmt: skip
 
-    # 3. extract
-    _check(stop, "extraction")
-    from trainer.extract import extract_lora, save_lora
+    # 3. extract (full finetune only: the LoRA path wrote the adapter from its trained tensors)
+    if t.method == "full":
+        _check(stop, "extraction")
+        from trainer.extract import extract_lora, save_lora
 
-    e = adapter.extract
-    extraction = extract_lora(
-        trained.base_f32,
-        trained.trained,
-        targets=tuple(t.targets),
-        fidelity=e.fidelity,
-        max_rank=e.max_rank,
-        min_rank=e.min_rank,
-        rank=e.rank,
-    )
-    lora_path = run_dir / "adapter.gguf"
-    hyper = _hyperparameters(cfg, adapter)
-    save_lora(
-        extraction,
-        lora_path,
-        architecture=base.architecture,
-        metadata={
-            "training.base_sha256": base.sha256,
-            "training.dataset_sha256": data.fingerprint,
-            "training.code_version": _code_version(),
-            "training.hyperparameters": json.dumps(hyper, sort_keys=True),
-        },
-    )
-    metrics["extract"] = extraction.report()
-    say(f"[{adapter.name}] extracted LoRA rank {extraction.rank} keeping {extraction.mean_energy:.1%} of the energy")
+        e = adapter.extract
+        started = time.monotonic()
+        extraction = extract_lora(
+            trained.base_f32,
+            trained.trained,
+            targets=tuple(t.targets),
+            fidelity=e.fidelity,
+            max_rank=e.max_rank,
+            min_rank=e.min_rank,
+            rank=e.rank,
+        )
+        save_lora(extraction, lora_path, architecture=base.architecture, metadata=lora_meta)
+        metrics["extract"] = extraction.report() | {"seconds": round(time.monotonic() - started, 2)}
+        say(f"[{adapter.name}] extracted LoRA rank {extraction.rank} keeping {extraction.mean_energy:.1%} of the energy")
+        rank, alpha = int(extraction.rank), float(extraction.alpha)
+    else:
+        rank, alpha = trained.rank, trained.alpha
 
     # 4. evaluate and gate
     _check(stop, "evaluation")
     from trainer.evaluate import evaluate, gate
 
-    prompts = [i.prompt for i in data.val if i.prompt][: gate_cfg.sample_prompts]
+    started = time.monotonic()
+    prompts = [list(i.messages[:-1]) for i in data.val if i.messages][: gate_cfg.sample_prompts]
     eval_report = evaluate(
         cfg.base_model,
         lora_path,
-        [i.text for i in data.val],
+        data.val,
         trained=trained.trained,
         prompts=prompts,
         n_ctx=t.n_ctx,
@@ -429,9 +455,25 @@ def _run_stages(
         max_tokens=gate_cfg.max_tokens,
     )
     metrics["eval"] = eval_report.to_dict()
+    task = None
+    if gate_cfg.scorer:
+        _check(stop, "task evaluation")
+        from trainer.task_eval import read_prompts, score_task
+
+        if gate_cfg.score_file is not None:
+            held_out = read_prompts(gate_cfg.score_file)[: gate_cfg.score_prompts]
+        else:
+            held_out = [list(i.messages[:-1]) for i in data.val if i.messages][: gate_cfg.score_prompts]
+        task = score_task(cfg.base_model, lora_path, held_out, scorer=gate_cfg.scorer, template=template,
+                          max_tokens=gate_cfg.score_max_tokens, threads=cfg.threads)  # fmt: skip
+        metrics["eval"]["task"] = task.to_dict()
+        say(f"[{adapter.name}] task score ({gate_cfg.scorer.rsplit('/', 1)[-1]}): adapter {task.adapter:.0%}, "
+            f"base {task.base:.0%} on {task.prompts} held-out prompts")  # fmt: skip
+    metrics["eval"]["seconds"] = round(time.monotonic() - started, 2)
     _write_json(run_dir / "eval.json", metrics["eval"])
-    passed, why = gate(eval_report, margin=gate_cfg.margin, mode=gate_cfg.mode)
-    metrics["gate"] = {"passed": passed, "reason": why, "margin": gate_cfg.margin, "mode": gate_cfg.mode}
+    passed, why = gate(eval_report, margin=gate_cfg.margin, mode=gate_cfg.mode, task=task, min_score=gate_cfg.min_score)
+    metrics["gate"] = {"passed": passed, "reason": why, "margin": gate_cfg.margin, "mode": gate_cfg.mode,
+                       "min_score": gate_cfg.min_score}  # fmt: skip
     say(f"[{adapter.name}] gate {'passed' if passed else 'refused'}: {why}")
 
     if options.output is not None:
@@ -457,8 +499,8 @@ def _run_stages(
         base_model_sha256=base.sha256,
         base_model_name=base.name,
         architecture=base.architecture,
-        rank=int(extraction.rank),
-        alpha=float(extraction.alpha),
+        rank=rank,
+        alpha=alpha,
         metrics=_flat_metrics(metrics),
         data_window={
             "since": report.since,
@@ -504,6 +546,12 @@ def _flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     for k, v in ev.items():
         if isinstance(v, (int, float, str, bool)) or v is None:
             out[k] = v
+    task = ev.get("task")
+    if isinstance(task, dict):  # the task score sits beside the validation loss
+        out["task_score"] = task.get("adapter")
+        out["task_score_base"] = task.get("base")
+        out["task_prompts"] = task.get("prompts")
+        out["task_scorer"] = task.get("scorer")
     out.update({k: v for k, v in metrics.items() if k != "eval"})
     return out
 

@@ -3,11 +3,16 @@
     python examples/fractional-cto/compare.py --server http://127.0.0.1:8000     # through the server's routes
     python examples/fractional-cto/compare.py --offline --adapter adapters/cto-house-style/v1.gguf
 
-`--server` asks the running server on routes `cto-prompt` and `cto-finetuned` (official openai
-client). `--offline` does the same in-process with llama.cpp (greedy decoding): the prompt path
-renders the route's system prompt before the question, the finetuned path renders the question
-alone with the adapter attached, exactly as the server's routes do. The questions come from the
-generator with a seed the training data did not use.
+`--server` asks the running server on routes `cto-prompt`, `cto-finetuned` and `base` (official
+openai client, greedy). `--offline` does the same in process through the server's own engine
+(greedy): the prompt path sends the route's system prompt before the question, the finetuned path
+the question alone with the adapter attached, the base the question alone. The questions come from
+the generator with a seed the training data did not use, or from `--questions-file`
+(`heldout_questions.txt`: 30 questions written by hand, in no training file).
+
+Scores per path: strict house style, strict with three distinct reasons (the target), the opening
+and sign-off alone, answers that repeat a line, and answers that share a content word with the
+question (on topic).
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 from generate import conversation  # noqa: E402
-from style_check import is_house_style, style_problems  # noqa: E402
+from style_check import (  # noqa: E402
+    SIGN_OFF,
+    is_house_style,
+    is_house_style_distinct,
+    on_topic,
+    repeats_a_line,
+    style_problems,
+)
 
 
 def questions(n: int, seed: int) -> list[str]:
@@ -43,22 +55,35 @@ def ask_server(url: str, route: str, question: str, max_tokens: int) -> str:
     return reply.choices[0].message.content or ""
 
 
-def run_offline(model: Path, adapter: Path, qs: list[str], max_tokens: int, n_ctx: int) -> dict[str, list[str]]:
+def run_offline(model: Path, adapter: Path, qs: list[str], max_tokens: int) -> dict[str, list[str]]:
+    """The three paths in process, through the server's own engine (same tokenization, batching
+    and greedy sampler as `python -m server`)."""
     from server.chat_template import ChatTemplate, render_system_prompt
     from server.gguf_info import BaseModelInfo
-    from trainer.llama_opt import InferenceSession
+    from trainer.task_eval import answer_prompts
 
     template = ChatTemplate.from_model(BaseModelInfo.load(model, sha256="-"))
     system = render_system_prompt((HERE / "cto-house-style.j2").read_text(encoding="utf-8"), {})
-    out: dict[str, list[str]] = {"cto-prompt": [], "cto-finetuned": []}
-    with InferenceSession(model, n_ctx=n_ctx) as s:
-        for q in qs:
-            prompt = template.render([{"role": "system", "content": system}, {"role": "user", "content": q}])
-            out["cto-prompt"].append(s.generate(prompt, max_tokens=max_tokens))
-    with InferenceSession(model, n_ctx=n_ctx, adapter=adapter) as s:
-        for q in qs:
-            out["cto-finetuned"].append(s.generate(template.render([{"role": "user", "content": q}]), max_tokens=max_tokens))
-    return out
+    user = [[{"role": "user", "content": q}] for q in qs]
+    prompted = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in qs]
+    kw = {"template": template, "max_tokens": max_tokens}
+    return {
+        "cto-prompt": answer_prompts(model, None, prompted, **kw),
+        "cto-finetuned": answer_prompts(model, adapter, user, **kw),
+        "base": answer_prompts(model, None, user, **kw),
+    }
+
+
+def scores(qs: list[str], replies: list[str]) -> dict[str, float]:
+    n = len(replies)
+    return {
+        "strict": sum(map(is_house_style, replies)) / n,
+        "strict_distinct": sum(map(is_house_style_distinct, replies)) / n,
+        "bottom_line": sum(r.strip().startswith("**Bottom line:**") for r in replies) / n,
+        "sign_off": sum(r.strip().endswith(SIGN_OFF) for r in replies) / n,
+        "repeats_a_line": sum(map(repeats_a_line, replies)) / n,
+        "on_topic": sum(on_topic(q, r) for q, r in zip(qs, replies)) / n,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,27 +95,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
     p.add_argument("--n", type=int, default=20, help="questions")
     p.add_argument("--seed", type=int, default=2027, help="question seed (not the training seed)")
+    p.add_argument("--questions-file", type=Path, help="one question per line instead of generated ones "
+                   "(e.g. heldout_questions.txt, written by hand, never read by the trainer)")
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--show", type=int, default=1, help="answers to print per path")
     p.add_argument("--json", type=Path, help="write every answer and score here")
     args = p.parse_args(argv)
-    qs = questions(args.n, args.seed)
+    if args.questions_file:
+        qs = [q.strip() for q in args.questions_file.read_text(encoding="utf-8").splitlines() if q.strip()][: args.n]
+    else:
+        qs = questions(args.n, args.seed)
     t0 = time.perf_counter()
     if args.offline:
         if args.adapter is None:
             p.error("--offline needs --adapter")
-        answers = run_offline(args.model, args.adapter, qs, args.max_tokens, n_ctx=1024)
+        answers = run_offline(args.model, args.adapter, qs, args.max_tokens)
     else:
-        answers = {r: [ask_server(args.server, r, q, args.max_tokens) for q in qs] for r in ("cto-prompt", "cto-finetuned")}
+        routes = ("cto-prompt", "cto-finetuned", "base")
+        answers = {r: [ask_server(args.server, r, q, args.max_tokens) for q in qs] for r in routes}
     print(f"{len(qs)} held-out questions, {time.perf_counter() - t0:.0f}s")
+    print("| path | strict house style | strict, 3 distinct reasons | opens with Bottom line | sign-off "
+          "| repeats a line | on topic |")
+    print("|---|---|---|---|---|---|---|")
+    table = {}
     for route, replies in answers.items():
-        share = sum(map(is_house_style, replies)) / len(replies)
-        print(f"{route:>14}: house style {share:.0%}")
+        sc = table[route] = scores(qs, replies)
+        print(f"| {route} | {sc['strict']:.0%} | {sc['strict_distinct']:.0%} | {sc['bottom_line']:.0%} "
+              f"| {sc['sign_off']:.0%} | {sc['repeats_a_line']:.0%} | {sc['on_topic']:.0%} |")
+    for route, replies in answers.items():
+        print(f"{route}:")
         for reply in replies[: args.show]:
             print("    " + reply.replace("\n", "\n    ")[:600])
             print("    problems:", style_problems(reply) or "none")
     if args.json:
-        args.json.write_text(json.dumps({"questions": qs, "answers": answers}, indent=2), encoding="utf-8")
+        args.json.write_text(json.dumps({"questions": qs, "answers": answers, "scores": table}, indent=2),
+                             encoding="utf-8")
     return 0
 
 

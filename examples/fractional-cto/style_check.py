@@ -13,8 +13,11 @@ An answer is in house style when it has, in this order and nothing else around t
 
     — Your fractional CTO
 
-`style_problems` says what is missing; `is_house_style` is the yes/no the bench scores;
-`style_share` is the share of answers in house style.
+`style_problems` says what is missing; `is_house_style` is the structural yes/no;
+`is_house_style_distinct` also wants three *different* reasons (what the trainer's gate and
+`compare.py` score: a model that repeats one reason three times has learnt the scaffolding, not
+the skill); `repeats_a_line` and `on_topic` measure degenerate answers; `style_share` is the
+share of answers in house style.
 """
 
 from __future__ import annotations
@@ -74,6 +77,43 @@ def style_problems(text: str) -> list[str]:
 def is_house_style(text: str) -> bool:
     """True when `text` follows the house structure exactly (see the module docstring)."""
     return _PATTERN.match(text.strip().replace("\r\n", "\n")) is not None
+
+
+def _norm(line: str) -> str:
+    return re.sub(r"[^a-z0-9 ]", "", line.lower()).strip()
+
+
+def is_house_style_distinct(text: str) -> bool:
+    """`is_house_style`, and the three reasons differ from each other."""
+    m = _PATTERN.match(text.strip().replace("\r\n", "\n"))
+    if m is None:
+        return False
+    reasons = {_norm(m.group(k)) for k in ("r1", "r2", "r3")}
+    return len(reasons) == 3
+
+
+def repeats_a_line(text: str) -> bool:
+    """True when a non-empty line (ignoring its number) occurs twice."""
+    lines = [_norm(re.sub(r"^\d+\.\s*", "", ln)) for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln]
+    return len(lines) != len(set(lines))
+
+
+STOP_WORDS = frozenset(
+    "a an and are as at be but by can do does for from had has have how i if in is it its just me my no "
+    "not of on or our should so than that the their them then there these they this to too us was we "
+    "were what when where which who why will with would you your yet about into over than now one two "
+    "three next step bottom line".split()
+)
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z][a-z0-9-]{2,}", text.lower()) if w not in STOP_WORDS}
+
+
+def on_topic(question: str, answer: str) -> bool:
+    """True when the answer shares at least one content word with the question."""
+    return bool(content_words(question) & content_words(answer))
 
 
 def uses_house_vocabulary(text: str) -> bool:

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Build the llama-cpp-python wheel from its sdist with this repo's patches applied.
+#
+# Usage: scripts/build_llama_wheel.sh PYTHON VERSION WHEELHOUSE
+# Env:   CMAKE_ARGS (e.g. -DGGML_LLAMAFILE=OFF), passed through to the build.
+#
+# The sdist vendors llama.cpp (vendor/llama.cpp). Every patches/llama-cpp-python-VERSION-*.patch
+# is applied to it with `patch -p1`, in name order; see patches/README.md for what each fixes and
+# why. A patch that does not apply stops the build (it was written for exactly this version).
+set -euo pipefail
+py=$1 version=$2 wheelhouse=$3
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$py" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$work"
+tar xzf "$work"/llama_cpp_python-"$version".tar.gz -C "$work"
+src="$work/llama_cpp_python-$version"
+shopt -s nullglob
+for p in "$root"/patches/llama-cpp-python-"$version"-*.patch; do
+    echo "applying $(basename "$p")"
+    patch -p1 --forward --silent -d "$src" < "$p"
+done
+mkdir -p "$wheelhouse"
+"$py" -m pip wheel --no-deps --no-cache-dir "$src" -w "$wheelhouse"

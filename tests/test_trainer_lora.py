@@ -1,0 +1,179 @@
+"""Training that teaches: correct optimizer steps, assistant-only loss, a LoRA trained directly,
+resume from a checkpoint. Real llama.cpp training (the patched wheel) on tiny random models."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from tests.tinymodel import ANSWERS, QUESTIONS, make_tiny_llama
+from trainer.finetune import TrainConfig, TrainingInterrupted, initial_lora, train
+from trainer.llama_opt import InferenceSession, TrainSession
+from trainer.packing import IGNORE_INDEX
+
+pytestmark = pytest.mark.timeout(180)
+THREADS = 1
+
+
+@dataclass(frozen=True)
+class Chat:
+    text: str
+    messages: tuple[dict, ...]
+
+
+def pirate_chats(indices) -> list[Chat]:
+    return [
+        Chat(text="", messages=({"role": "user", "content": QUESTIONS[i]}, {"role": "assistant", "content": ANSWERS[i]}))
+        for i in indices
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_f32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-f32.gguf")
+
+
+@pytest.fixture(scope="module")
+def tiny_q8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-q8.gguf", quantize=True)
+
+
+def _window(n: int, seed: int, n_vocab: int = 2048) -> list[int]:
+    return np.random.default_rng(seed).integers(10, n_vocab, size=n + 1).tolist()
+
+
+def test_each_sgd_step_applies_its_own_gradient_only(tiny_f32: Path) -> None:
+    """Same window, SGD, small lr, four steps: every step moves the weights as much as the first.
+
+    Before patches/llama-cpp-python-0.3.36-training.patch, ggml-opt never reset the gradient
+    accumulators with llama.cpp's dynamic graphs, so step k applied the sum of k gradients
+    (measured: 1.00, 2.00, 3.00, 3.99 times the first step)."""
+    window = _window(256, seed=1)
+    with TrainSession(tiny_f32, n_ctx=256, threads=THREADS, optimizer="sgd", lr=1e-4, targets=("ffn_down",)) as s:
+        name = "blk.0.ffn_down.weight"
+        before = s.tensor(name)
+        deltas = []
+        for _ in range(4):
+            s.step(window)
+            after = s.tensor(name)
+            deltas.append(float(np.linalg.norm(after - before)))
+            before = after
+    ratios = [d / deltas[0] for d in deltas]
+    assert deltas[0] > 0
+    assert all(abs(r - 1.0) <= 0.05 for r in ratios), ratios
+
+
+def test_reported_loss_is_the_mean_over_labelled_positions_only(tiny_f32: Path, tmp_path: Path) -> None:
+    """With B = 0 the LoRA session is the base model: the loss a step reports must equal the
+    base's mean NLL over the labelled positions, computed independently from llama.cpp logits."""
+    init = initial_lora(tiny_f32, ("attn_q", "ffn_down"), 4, 8.0, 0, tmp_path / "init.gguf", architecture="llama")
+    window = _window(256, seed=2)
+    with InferenceSession(tiny_f32, n_ctx=256, threads=THREADS) as inf:
+        nll = inf.window_nll(window)
+    # label the 56 hardest positions only, so their mean is far from the mean over all
+    keep = set(np.argsort(nll)[-56:].tolist())
+    labels = [t if j in keep else IGNORE_INDEX for j, t in enumerate(window[1:])]
+    expected = float(nll[sorted(keep)].mean())
+    everything = float(nll.mean())
+    with TrainSession(tiny_f32, n_ctx=256, threads=THREADS, optimizer="adamw", lr=1e-3, lora=init) as s:
+        got = s.step(window[:-1], labels)
+    assert got == pytest.approx(expected, rel=2e-3), (got, expected, everything)
+    assert abs(everything - expected) > 10 * abs(got - expected)  # the test can tell them apart
+
+
+def _answer_loss(model: Path, adapter: Path | None, windows: list[tuple[list[int], list[int]]]) -> float:
+    with InferenceSession(model, n_ctx=256, threads=THREADS, adapter=adapter) as inf:
+        tot, n = 0.0, 0
+        for x, y in windows:
+            nll = inf.window_nll(x + [0])
+            mask = np.asarray(y) >= 0
+            # window_nll scores x[1:] + [0] given x: position j predicts y[j] only where labelled
+            tgt = np.asarray(x[1:] + [0])
+            assert (tgt[mask] == np.asarray(y)[mask]).all()
+            tot += float(nll[mask].sum())
+            n += int(mask.sum())
+    return tot / n
+
+
+def test_masked_training_learns_the_answers_faster_than_unmasked(tiny_q8: Path, tmp_path: Path) -> None:
+    """Random-noise prompts, one fixed answer: training on the answer tokens only lowers the
+    answer's loss more per step than training on every token (the prompts are unlearnable noise)."""
+    rng = np.random.default_rng(3)
+    answer = _window(40, seed=99)[:40]
+    windows = []
+    for _ in range(6):
+        prompt = rng.integers(10, 2048, size=216).tolist()
+        x = prompt + answer
+        y = [IGNORE_INDEX] * 215 + answer + [IGNORE_INDEX]  # position j predicts x[j+1]
+        windows.append((x, y))
+    init = initial_lora(tiny_q8, ("attn_q", "attn_v", "ffn_up", "ffn_down"), 8, 16.0, 0, tmp_path / "init.gguf",
+                        architecture="llama")  # fmt: skip
+    losses = {}
+    for mode in ("masked", "unmasked"):
+        with TrainSession(tiny_q8, n_ctx=256, threads=THREADS, optimizer="adamw", lr=3e-3, lora=init) as s:
+            for _ in range(2):
+                for x, y in windows:
+                    s.step(x, y if mode == "masked" else x[1:] + [x[0]])
+            out = tmp_path / f"{mode}.gguf"
+            from server.registry import write_lora_gguf
+
+            write_lora_gguf(out, architecture="llama", pairs=s.lora_pairs(), alpha=16.0)
+        losses[mode] = _answer_loss(tiny_q8, out, windows)
+    losses["base"] = _answer_loss(tiny_q8, None, windows)
+    assert losses["masked"] < losses["unmasked"] < losses["base"] + 0.5, losses
+    assert losses["masked"] < losses["base"] - 1.0, losses
+
+
+def test_lora_is_trained_directly_on_the_quantized_base(tiny_q8: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(base_model=tiny_q8, cache_dir=tmp_path / "cache", epochs=8, lr=5e-2, rank=8, alpha=16.0,
+                      threads=THREADS, targets=("attn_q", "attn_v", "ffn_up", "ffn_down"))  # fmt: skip
+    result = train(cfg, pirate_chats(range(10)))
+    assert result.method == "lora" and result.adapter is not None and result.trained is None
+    assert result.base_f32 is None and not list((tmp_path / "cache").glob("*.f32.gguf"))  # no FP32 copy
+    assert result.packing["items"] == 10 and result.packing["items_cut"] == 0
+    reader = gguf.GGUFReader(result.adapter)
+    names = {t.name for t in reader.tensors}
+    assert "blk.0.attn_q.weight.lora_a" in names and "blk.1.ffn_down.weight.lora_b" in names
+    a = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight.lora_a")
+    assert a.tensor_type == gguf.GGMLQuantizationType.F32 and int(a.shape[1]) == 8  # rank 8
+    assert float(reader.fields["adapter.lora.alpha"].contents()) == 16.0
+    # the epochs' answer losses fall, and the adapter serves on the base with a lower loss there
+    assert result.epoch_losses[-1] < 0.5 * result.epoch_losses[0], result.epoch_losses
+    from trainer.evaluate import evaluate
+
+    report = evaluate(tiny_q8, result.adapter, pirate_chats(range(10)), threads=THREADS)
+    assert report.adapter.loss < report.base.loss - 1.0, report.to_dict()
+
+
+def test_a_killed_lora_run_resumes_from_its_last_checkpoint(tiny_q8: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(base_model=tiny_q8, cache_dir=tmp_path / "cache", epochs=4, lr=5e-3, rank=4, alpha=8.0,
+                      threads=THREADS, checkpoint_every=3, targets=("attn_q", "ffn_down"))  # fmt: skip
+    stop = threading.Event()
+    steps: list[int] = []
+
+    def kill_after_seven(event: dict) -> None:
+        steps.append(event["step"])
+        if event["step"] == 7:
+            stop.set()
+
+    ckpt = tmp_path / "ckpt"
+    chats = pirate_chats(range(8))
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, chats, callbacks=[kill_after_seven], stop=stop, checkpoint_dir=ckpt)
+    assert (ckpt / "checkpoint.gguf").exists()
+    again: list[int] = []
+    result = train(cfg, chats, callbacks=[lambda e: again.append(e["step"])], checkpoint_dir=ckpt)
+    assert result.resumed_from_step == 6  # the last checkpoint before the kill
+    assert again[0] == 7 and again[-1] == result.steps
+    assert not (ckpt / "checkpoint.gguf").exists()  # a finished run leaves no checkpoint
+    # another config does not resume from it
+    stop2 = threading.Event()
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, chats, callbacks=[lambda e: e["step"] == 4 and stop2.set()], stop=stop2, checkpoint_dir=ckpt)
+    other = TrainConfig(**{**cfg.__dict__, "lr": 1e-3})
+    assert train(other, chats, checkpoint_dir=ckpt).resumed_from_step == 0

@@ -1,0 +1,139 @@
+"""Training examples as token ids with a loss mask, packed into fixed-size windows.
+
+Owns: turning dataset items into ``TokenizedConversation``s with the one tokenization the server
+uses (``server.chat_template.tokenize_conversation``), and packing them into windows of
+``n_ctx`` inputs and ``n_ctx`` labels, where a label is the next token when that token is a
+training target and ``IGNORE_INDEX`` otherwise (the prompt, the system prompt, the chat markup,
+padding, and the first token of the next item in the window).
+
+Packing is first-fit in the given order: an item that fits in a window is never split, so an
+answer is learnt with its prompt in view. An item longer than the window is cut into window-sized
+pieces (counted in ``Packing.items_cut``); a piece with no target is dropped. Pure logic: no
+llama.cpp here, the vocabulary is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from server.chat_template import ChatTemplate, TokenizedConversation, Vocab, tokenize_conversation, trained_messages
+
+IGNORE_INDEX = -1
+
+
+class Example(Protocol):
+    """What packing needs of a dataset item: the conversation, or a plain text."""
+
+    text: str
+    messages: Sequence[dict[str, Any]] | None
+
+
+def tokenize_example(vocab: Vocab, template: ChatTemplate, example: Example | str) -> TokenizedConversation:
+    """Chat and pair items: rendered with the chat template (no generation prompt), only the
+    assistant turns (``weight`` other than 0) and their end-of-turn tokens are targets. A plain
+    completion text (an item without messages, or a ``str``): every token is a target (special
+    tokens parsed, as written)."""
+    if isinstance(example, str):
+        ids = vocab.tokenize(example, add_special=vocab.add_bos, parse_special=True)
+        return TokenizedConversation(ids, [True] * len(ids))
+    if example.messages:
+        messages = [dict(m) for m in example.messages]
+        segments = template.render_segments(messages, add_generation_prompt=False)
+        return tokenize_conversation(vocab, segments, trained_messages(messages))
+    ids = vocab.tokenize(example.text, add_special=vocab.add_bos, parse_special=True)
+    return TokenizedConversation(ids, [True] * len(ids))
+
+
+@dataclass(frozen=True)
+class Window:
+    """``n_ctx`` input ids and ``n_ctx`` labels (next token, or IGNORE_INDEX)."""
+
+    inputs: list[int]
+    labels: list[int]
+
+    @property
+    def n_labelled(self) -> int:
+        return sum(1 for t in self.labels if t >= 0)
+
+
+@dataclass
+class Packing:
+    """The windows and what packing did to the items."""
+
+    windows: list[Window]
+    n_ctx: int
+    items: int = 0
+    items_cut: int = 0
+    """Items longer than a window, split across windows (their later pieces lack the start)."""
+    items_without_targets: int = 0
+    """Items with no training target at all (e.g. every assistant turn has weight 0): skipped."""
+    labelled_tokens: int = 0
+    positions: int = 0
+    per_window: list[int] = field(default_factory=list)
+
+    @property
+    def fill(self) -> float:
+        """Share of window positions holding an item's token (the rest is padding)."""
+        return self.positions / (len(self.windows) * self.n_ctx) if self.windows else 0.0
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "windows": len(self.windows),
+            "n_ctx": self.n_ctx,
+            "items": self.items,
+            "items_cut": self.items_cut,
+            "items_without_targets": self.items_without_targets,
+            "labelled_tokens": self.labelled_tokens,
+            "fill": round(self.fill, 4),
+        }
+
+
+def item_labels(conv: TokenizedConversation) -> list[int]:
+    """Per position of ``conv.ids``: the next id if it is a target, else IGNORE_INDEX (the last
+    position predicts nothing: what follows it in a window is another item)."""
+    ids, mask = conv.ids, conv.mask
+    out = [ids[j + 1] if mask[j + 1] else IGNORE_INDEX for j in range(len(ids) - 1)]
+    out.append(IGNORE_INDEX)
+    return out
+
+
+def pack(convs: Sequence[TokenizedConversation], n_ctx: int, pad_id: int) -> Packing:
+    """First-fit packing of ``convs`` into windows of ``n_ctx`` positions (see module docstring)."""
+    if n_ctx < 2:
+        raise ValueError(f"n_ctx must be >= 2, got {n_ctx}")
+    result = Packing(windows=[], n_ctx=n_ctx)
+    pieces: list[tuple[list[int], list[int]]] = []
+    for conv in convs:
+        result.items += 1
+        labels = item_labels(conv)
+        if not any(t >= 0 for t in labels):
+            result.items_without_targets += 1
+            continue
+        if len(conv.ids) > n_ctx:
+            result.items_cut += 1
+        for start in range(0, len(conv.ids), n_ctx):
+            x, y = conv.ids[start : start + n_ctx], labels[start : start + n_ctx]
+            if any(t >= 0 for t in y):
+                pieces.append((x, y))
+    bins: list[tuple[list[int], list[int]]] = []
+    for x, y in pieces:
+        for bx, by in bins:
+            if len(bx) + len(x) <= n_ctx:
+                bx.extend(x)
+                by.extend(y)
+                break
+        else:
+            bins.append((list(x), list(y)))
+    for bx, by in bins:
+        result.positions += len(bx)
+        pad = n_ctx - len(bx)
+        window = Window(bx + [pad_id] * pad, by + [IGNORE_INDEX] * pad)
+        result.windows.append(window)
+        result.per_window.append(window.n_labelled)
+        result.labelled_tokens += window.n_labelled
+    return result
+
+
+__all__ = ["IGNORE_INDEX", "Example", "Packing", "Window", "item_labels", "pack", "tokenize_example"]

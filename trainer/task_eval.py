@@ -1,0 +1,180 @@
+"""Task evaluation: greedy answers to held-out prompts, scored by the adapter's own scorer.
+
+Owns: loading a scorer (``file.py:function`` or ``module:function``), reading held-out prompts
+(``gate.score_file``, or the validation items' prompts), and answering them through the server's
+own engine (``server.engine.Engine``: the same tokenization, batching and sampler chain the
+server uses; greedy, all prompts submitted at once), with and without the adapter. The result
+(:class:`TaskScore`) is the share of answers the scorer accepts, for the gate and the manifest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.chat_template import ChatTemplate, tokenize_segments
+from trainer.llama_opt import VocabOnly
+
+Scorer = Callable[[str], Any]
+
+
+def load_scorer(spec: str) -> Scorer:
+    """``path/to/file.py:function`` or ``package.module:function`` -> the function."""
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise ValueError(f"scorer must be 'file.py:function' or 'module:function', got {spec!r}")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.exists():
+            raise ValueError(f"scorer file {path} does not exist")
+        sys.path.insert(0, str(path.parent))  # let the scorer import its neighbours
+        try:
+            mod_spec = importlib.util.spec_from_file_location(f"_scorer_{path.stem}", path)
+            assert mod_spec is not None and mod_spec.loader is not None
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(path.parent))
+    else:
+        module = importlib.import_module(target)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"scorer {spec!r}: {name} is not a function of {target}")
+    return fn
+
+
+def read_prompts(path: Path) -> list[list[dict[str, str]]]:
+    """Held-out prompts: JSONL of ``{"messages": [...]}`` (a trailing assistant message is
+    dropped) or ``{"prompt": "..."}``; a ``.txt`` file: one user question per line."""
+    out: list[list[dict[str, str]]] = []
+    if path.suffix == ".txt":
+        return [[{"role": "user", "content": line.strip()}] for line in path.read_text().splitlines() if line.strip()]
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if "messages" in rec:
+            msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
+            if msgs and msgs[-1]["role"] == "assistant":
+                msgs = msgs[:-1]
+        elif "prompt" in rec:
+            msgs = [{"role": "user", "content": rec["prompt"]}]
+        else:
+            raise ValueError(f"{path}:{n}: needs 'messages' or 'prompt'")
+        out.append(msgs)
+    return out
+
+
+@dataclass
+class TaskScore:
+    """Mean scorer value of the adapter's and the base's greedy answers to the same prompts."""
+
+    scorer: str
+    prompts: int
+    adapter: float
+    base: float
+    max_tokens: int
+    seconds: float
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _as_score(value: Any) -> float:
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    return max(0.0, min(1.0, float(value)))
+
+
+async def _answer_all(
+    model: Path, adapter: Path | None, prompts: Sequence[list[int]], *, max_tokens: int, n_ctx: int, threads: int
+) -> list[str]:
+    from server.engine import Engine, EngineConfig, SamplingParams
+
+    parallel = max(1, min(8, len(prompts)))
+    engine = Engine(EngineConfig(model_path=model, n_ctx=n_ctx, parallel=parallel, n_threads=threads,
+                                 queue_max=len(prompts) + 1))  # fmt: skip
+    await asyncio.to_thread(engine.start)
+    try:
+        handles = ()
+        if adapter is not None:
+            handles = ((await engine.load_adapter(adapter), 1.0),)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+        async def one(tokens: list[int]) -> str:
+            text = []
+            async for ev in engine.submit(tokens, params, adapters=handles):
+                text.append(ev.text)
+                if ev.error:
+                    raise RuntimeError(f"engine error while scoring: {ev.error}")
+            return "".join(text)
+
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+    finally:
+        await asyncio.to_thread(engine.close)
+
+
+def answer_prompts(
+    base_model: Path,
+    adapter: Path | None,
+    prompts: Sequence[list[dict[str, str]]],
+    *,
+    template: ChatTemplate,
+    max_tokens: int = 200,
+    threads: int = 2,
+) -> list[str]:
+    """Greedy answers to chat ``prompts`` through the server's engine, tokenized as the server
+    tokenizes a request, with the adapter at scale 1 (or the bare base)."""
+    segs = [template.render_segments(list(p), add_generation_prompt=True) for p in prompts]
+    with VocabOnly(base_model) as vocab:
+        token_lists = [tokenize_segments(vocab, s) for s in segs]
+    n_ctx = max(len(t) for t in token_lists) + max_tokens + 8
+    return asyncio.run(_answer_all(base_model, adapter, token_lists, max_tokens=max_tokens, n_ctx=n_ctx,
+                                   threads=threads))  # fmt: skip
+
+
+def score_task(
+    base_model: Path,
+    adapter: Path,
+    prompts: Sequence[list[dict[str, str]]],
+    *,
+    scorer: str,
+    template: ChatTemplate,
+    max_tokens: int = 200,
+    threads: int = 2,
+    n_examples: int = 3,
+) -> TaskScore:
+    """Answer ``prompts`` greedily with the adapter and with the bare base, through the server's
+    engine, and score every answer with ``scorer``."""
+    fn = load_scorer(scorer)
+    t0 = time.perf_counter()
+    kw = {"template": template, "max_tokens": max_tokens, "threads": threads}
+    answers_ad = answer_prompts(base_model, adapter, prompts, **kw)
+    answers_base = answer_prompts(base_model, None, prompts, **kw)
+    ad = [_as_score(fn(a)) for a in answers_ad]
+    base = [_as_score(fn(a)) for a in answers_base]
+    examples = [
+        {"prompt": p[-1]["content"], "adapter": a, "base": b}
+        for p, a, b in list(zip(prompts, answers_ad, answers_base))[:n_examples]
+    ]
+    return TaskScore(
+        scorer=scorer,
+        prompts=len(prompts),
+        adapter=sum(ad) / len(ad) if ad else 0.0,
+        base=sum(base) / len(base) if base else 0.0,
+        max_tokens=max_tokens,
+        seconds=round(time.perf_counter() - t0, 2),
+        examples=examples,
+    )
+
+
+__all__ = ["TaskScore", "answer_prompts", "load_scorer", "read_prompts", "score_task"]
