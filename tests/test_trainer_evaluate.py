@@ -23,7 +23,7 @@ THREADS = 1
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainedModel, Path]:
     tmp = tmp_path_factory.mktemp("evaluate")
     base = make_tiny_llama(tmp / "tiny-q8.gguf", quantize=True)
-    trained = train(TrainConfig(base_model=base, cache_dir=tmp / "cache", epochs=4, lr=2e-2, threads=THREADS, method="full", optimizer="sgd"), pirate_texts(range(9)) * 2)
+    trained = train(TrainConfig(base_model=base, cache_dir=tmp / "cache", epochs=4, lr=5e-2, threads=THREADS, method="full", optimizer="sgd"), pirate_texts(range(9)) * 2)
     ex = extract_lora(trained.base_f32, trained.trained, fidelity=0.9, max_rank=32)
     adapter = save_lora(ex, tmp / "adapter.gguf", architecture="llama")
     return base, trained, adapter

@@ -26,7 +26,7 @@ THREADS = 1
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainedModel]:
     tmp = tmp_path_factory.mktemp("extract")
     base = make_tiny_llama(tmp / "tiny-q8.gguf", quantize=True)
-    cfg = TrainConfig(base_model=base, cache_dir=tmp / "cache", epochs=4, lr=2e-2, threads=THREADS, method="full", optimizer="sgd")
+    cfg = TrainConfig(base_model=base, cache_dir=tmp / "cache", epochs=4, lr=5e-2, threads=THREADS, method="full", optimizer="sgd")
     return base, train(cfg, pirate_texts(range(10)) * 2)
 
 

@@ -36,7 +36,7 @@ def tiny_q8(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_loss_goes_down_and_progress_is_reported(tiny_q8: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(base_model=tiny_q8, cache_dir=tmp_path / "cache", epochs=4, lr=2e-2, threads=THREADS, method="full", optimizer="sgd")
+    cfg = TrainConfig(base_model=tiny_q8, cache_dir=tmp_path / "cache", epochs=4, lr=5e-2, threads=THREADS, method="full", optimizer="sgd")
     events: list[dict] = []
     console = io.StringIO()
     with JsonlWriter(tmp_path / "progress.jsonl") as jsonl:
