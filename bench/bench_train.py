@@ -137,7 +137,7 @@ def theirs(f32: Path, text_file: Path, threads: int, tag: str) -> dict[str, Any]
 def child_ours(text_file: Path, threads: int) -> None:
     from trainer.finetune import TrainConfig, train
 
-    cfg = TrainConfig(base_model=BASE, cache_dir=WORK / "cache", n_ctx=N_CTX, lr=2e-3, optimizer="sgd",
+    cfg = TrainConfig(base_model=BASE, cache_dir=WORK / "cache", n_ctx=N_CTX, lr=2e-3, optimizer="sgd", method="full",
                       threads=threads, shuffle=False)  # fmt: skip
     r = train(cfg, [text_file.read_text()], out_path=WORK / "ours-out.gguf")
     print(json.dumps({"windows": r.steps, "loop_tokens_per_s": r.tokens_per_s, "first_loss": r.first_loss,
@@ -156,7 +156,7 @@ def quality(texts: list[str], convs: list[list[dict[str, str]]], windows: int, t
     train_texts, val_texts = texts[:-n_val], texts[-n_val:]
     prompts = [c[:-1] for c in convs[-2:]]
     text = text_for_tokens(train_texts, windows * N_CTX + 1)
-    cfg = TrainConfig(base_model=BASE, cache_dir=WORK / "cache", n_ctx=N_CTX, lr=2e-3, optimizer="sgd", threads=threads)
+    cfg = TrainConfig(base_model=BASE, cache_dir=WORK / "cache", n_ctx=N_CTX, lr=2e-3, optimizer="sgd", threads=threads, method="full")
     t0 = time.perf_counter()
     r = train(cfg, [text], callbacks=[ConsoleProgress()], out_path=WORK / "quality-trained.gguf")
     t_train = time.perf_counter() - t0

@@ -142,11 +142,12 @@ class ChatTemplate:
 
     def render_segments(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[Segment]:
         """The prompt split into template text and message content."""
+        # Markers of private-use characters: not whitespace, so a template's `| trim` keeps them.
         tag = secrets.token_hex(8)
-        markers = {f"\x1e{tag}:{i}\x1f": (i, m["content"]) for i, m in enumerate(messages)}
+        markers = {f"\ue000{tag}:{i}\ue001": (i, m["content"]) for i, m in enumerate(messages)}
         marked = [{**m, "content": key} for key, m in zip(markers, messages)]
         text = self._render_raw(marked, add_generation_prompt)
-        pieces = re.split(f"(\x1e{tag}:[0-9]+\x1f)", text)
+        pieces = re.split(f"(\ue000{tag}:[0-9]+\ue001)", text)
         if any(m not in pieces for m in markers):
             # The template transformed the content (e.g. stripped it), so markers did not survive
             # intact: render the real content and treat the whole prompt as content (no special

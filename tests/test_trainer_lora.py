@@ -131,7 +131,7 @@ def test_masked_training_learns_the_answers_faster_than_unmasked(tiny_q8: Path, 
 
 def test_lora_is_trained_directly_on_the_quantized_base(tiny_q8: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(base_model=tiny_q8, cache_dir=tmp_path / "cache", epochs=8, lr=5e-2, rank=8, alpha=16.0,
-                      threads=THREADS, targets=("attn_q", "attn_v", "ffn_up", "ffn_down"))  # fmt: skip
+                      threads=THREADS, targets=("attn_q", "attn_v", "ffn_up", "ffn_down"), quantized_base=True)  # fmt: skip
     result = train(cfg, pirate_chats(range(10)))
     assert result.method == "lora" and result.adapter is not None and result.trained is None
     assert result.base_f32 is None and not list((tmp_path / "cache").glob("*.f32.gguf"))  # no FP32 copy
@@ -156,8 +156,11 @@ def test_a_killed_lora_run_resumes_from_its_last_checkpoint(tiny_q8: Path, tmp_p
     stop = threading.Event()
     steps: list[int] = []
 
+    first: list[float] = []
+
     def kill_after_seven(event: dict) -> None:
         steps.append(event["step"])
+        first.append(event["loss"])
         if event["step"] == 7:
             stop.set()
 
@@ -170,6 +173,9 @@ def test_a_killed_lora_run_resumes_from_its_last_checkpoint(tiny_q8: Path, tmp_p
     result = train(cfg, chats, callbacks=[lambda e: again.append(e["step"])], checkpoint_dir=ckpt)
     assert result.resumed_from_step == 6  # the last checkpoint before the kill
     assert again[0] == 7 and again[-1] == result.steps
+    # the numbers cover the whole run, the checkpointed steps included
+    assert result.first_loss == first[0] and result.tokens == result.steps * cfg.n_ctx
+    assert len(result.epoch_losses) == cfg.epochs
     assert not (ckpt / "checkpoint.gguf").exists()  # a finished run leaves no checkpoint
     # another config does not resume from it
     stop2 = threading.Event()

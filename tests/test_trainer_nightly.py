@@ -22,7 +22,15 @@ from server.gguf_info import BaseModelInfo
 from server.store import connect
 from tests.tinymodel import make_tiny_llama
 from trainer.config import load_config
-from trainer.nightly import EXIT_INTERRUPTED, Outcome, exit_code, run_lock, run_nightly, stop_after_steps
+from trainer.nightly import (
+    EXIT_INTERRUPTED,
+    Outcome,
+    RunOptions,
+    exit_code,
+    run_lock,
+    run_nightly,
+    stop_after_steps,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,6 +63,20 @@ gate = {{ margin = {strict_margin}, min_items = 3, min_val_items = 1, sample_pro
 [adapters.starved]
 jsonl = ["small.jsonl"]
 gate = {{ min_items = 1000 }}
+
+[adapters.scored]
+jsonl = ["cto.jsonl"]
+train = {{ lr = 1e-2, val_fraction = 0.2 }}
+gate = {{ min_items = 8, min_val_items = 2, sample_prompts = 0, scorer = "scorer.py:{scorer}", min_score = 0.5, score_prompts = 3, score_max_tokens = 8 }}
+"""
+
+SCORER = """
+def never(answer):
+    return False
+
+
+def answered(answer):
+    return 1.0 if isinstance(answer, str) else 0.0
 """
 
 
@@ -65,7 +87,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     gen = load_generator()
     gen.write_jsonl(root / "cto.jsonl", 16, seed=1)
     gen.write_jsonl(root / "small.jsonl", 8, seed=3)  # seed 3: 2 of 8 in validation
-    (root / "trainer.toml").write_text(CONFIG.format(strict_margin=0.99), encoding="utf-8")
+    (root / "trainer.toml").write_text(CONFIG.format(strict_margin=0.99, scorer="answered"), encoding="utf-8")
+    (root / "scorer.py").write_text(SCORER, encoding="utf-8")
     return root
 
 
@@ -116,6 +139,27 @@ def test_nightly_without_new_data_is_skipped(world: Path, published: Outcome) ->
     assert "no new data since version 1" in (again.reason or "")
     assert registry.current_version(world / "adapters", "cto") == 1
     assert len(registry.list_versions(world / "adapters", "cto")) == 1
+
+
+def test_the_gate_scores_held_out_answers_with_the_adapters_scorer(world: Path) -> None:
+    """A scorer named in the config judges greedy answers (through the server's engine) to
+    held-out prompts; its share is in the manifest beside the validation loss, and a share
+    under `min_score` refuses the version."""
+    [out] = run_nightly(load_config(world / "trainer.toml"), only=["scored"], say=lambda m: None)
+    assert out.status == "published", out.reason
+    [manifest] = registry.list_versions(world / "adapters", "scored")
+    m = manifest.metrics
+    assert m["task_score"] == 1.0 and m["task_score_base"] == 1.0 and m["task_prompts"] == 3
+    assert m["task_scorer"].endswith("scorer.py:answered") and "val_loss_adapter" in m
+    assert "task score 100% >= 50% required" in (out.reason or "")
+
+    (world / "never.toml").write_text(
+        CONFIG.format(strict_margin=0.99, scorer="never"), encoding="utf-8"
+    )
+    [refused] = run_nightly(load_config(world / "never.toml"), only=["scored"], say=lambda m: None,
+                            options=RunOptions(skip_unchanged=False))  # fmt: skip
+    assert refused.status == "rejected" and "task score 0% < 50% required" in (refused.reason or "")
+    assert registry.current_version(world / "adapters", "scored") == 1
 
 
 def test_too_little_data_is_skipped_and_recorded(world: Path) -> None:

@@ -3,7 +3,7 @@
 Commands:
 
     dataset   build and measure a dataset (optionally write train/valid JSONL)
-    nightly   dataset -> train -> extract -> evaluate -> gate -> publish, for every adapter
+    nightly   dataset -> train (LoRA; or full + extract) -> evaluate -> gate -> publish, for every adapter
     train     the same pipeline once, for one adapter (from the config or from flags)
     rollback  make the previous version of an adapter current
     runs      list recent trainer runs
@@ -115,7 +115,8 @@ def _common(p: argparse.ArgumentParser, *, overrides: bool = True) -> None:
     h.add_argument("--val-fraction", type=float)
     h.add_argument("--max-items", type=int, help="newest training items kept")
     h.add_argument("--max-val-items", type=int, help="newest validation items kept")
-    h.add_argument("--rank", type=int, help="fixed LoRA rank (default: chosen by --fidelity)")
+    h.add_argument("--method", choices=("lora", "full"), help="train the LoRA directly, or full finetune + SVD")
+    h.add_argument("--rank", type=int, help="LoRA rank (method full: fixed rank instead of --fidelity)")
     h.add_argument("--fidelity", type=float)
     h.add_argument("--max-rank", type=int)
     h.add_argument("--margin", type=float, help="gate margin")
@@ -209,7 +210,7 @@ def resolve_config(args: argparse.Namespace, *, need_one: bool = False) -> tuple
         "source": source,
         "train": {"n_ctx": args.n_ctx, "epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer,
                   "seed": args.seed, "val_fraction": args.val_fraction, "max_items": args.max_items,
-                  "max_val_items": args.max_val_items},
+                  "max_val_items": args.max_val_items, "method": args.method, "rank": args.rank},
         "extract": {"rank": args.rank, "fidelity": args.fidelity, "max_rank": args.max_rank},
         "gate": {"margin": args.margin, "min_items": args.min_items},
     }  # fmt: skip

@@ -614,12 +614,16 @@ class Dataset:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 over the training and validation texts: equal data, equal fingerprint."""
+        """sha256 over the training and validation texts and their messages' weights: equal
+        data, equal fingerprint."""
         h = hashlib.sha256()
         for part, items in (("train", self.train), ("val", self.val)):
             h.update(part.encode())
             for item in items:
                 h.update(hashlib.sha256(item.text.encode()).digest())
+                if item.messages is not None:  # per-message weights change what is learnt
+                    weights = [m.get("weight", 1) for m in item.messages]
+                    h.update(json.dumps(weights).encode())
         return h.hexdigest()
 
 

@@ -14,8 +14,8 @@ reported so a weak matrix is visible.
 
 The SVD is randomized (Halko, Martinsson and Tropp 2011: a Gaussian sketch of ``max_rank + 16``
 columns, two power iterations, then an exact SVD of the small projected matrix) whenever that is
-smaller than the matrix; the energy fractions divide by the delta's exact squared Frobenius norm,
-so they stay exact for the ranks kept.
+smaller than the matrix. Its top singular values are approximations (tested against the exact SVD
+to 1e-4), and the energy fractions divide by the delta's exact squared Frobenius norm.
 
 Factors are split evenly, ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T``, and ``alpha = rank``, so
 llama.cpp's scale ``alpha / rank`` is 1 and ``W_base + B @ A`` is the rank-``r`` approximation.
@@ -33,6 +33,7 @@ import numpy as np
 
 from server.registry import write_lora_gguf
 from trainer.llama_opt import DEFAULT_TARGETS
+
 class EnergyReport(dict[str, float]):
     """Energy kept per adapted matrix at the chosen rank; ``float(report)`` is their mean,
     the number the rank was chosen on."""

@@ -7,8 +7,8 @@ once with ``gguf`` and cached by the base file's sha256), tokenizing and packing
 progress callbacks and cooperative stop, and the result (:class:`TrainedModel`).
 
 ``method = "lora"`` (the default): the A and B tensors of rank ``rank`` on ``targets`` are the
-only parameters; the base (the served quantized file, or its F32 copy with
-``quantized_base = false``) stays frozen, and the adapter is written straight from the trained
+only parameters; the base (its F32 copy, or the served quantized file itself with
+``quantized_base = true``) stays frozen, and the adapter is written straight from the trained
 tensors. ``method = "full"``: the target matrices train in full on the F32 copy and
 :mod:`trainer.extract` factorises ``W_trained - W_base`` afterwards (kept as a measured
 alternative; it needs a second FP32 model and an SVD).
@@ -66,8 +66,8 @@ class TrainConfig:
     cache_dir: Path
     n_ctx: int = 256
     epochs: int = 1
-    lr: float = 2e-3
-    optimizer: str = "sgd"
+    lr: float = 1e-3
+    optimizer: str = "adamw"
     weight_decay: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
     threads: int = 2
@@ -78,8 +78,11 @@ class TrainConfig:
     method: str = "lora"
     rank: int = 16
     alpha: float = 32.0
-    quantized_base: bool = True
-    """LoRA over the served (quantized) base file; False: over its F32 copy."""
+    quantized_base: bool = False
+    """LoRA over the served (quantized) base file; False (default): over its F32 copy (backward
+    through quantized matrices is 2.3x slower on CPU, bench/RESULTS.md)."""
+    top_layers: int = 0
+    """LoRA on the last this many blocks only (0: all); backward stops below the lowest one."""
     checkpoint_every: int = 50
     """Steps between checkpoints of the LoRA (a killed run resumes from the last one); 0: none."""
     warmup_steps: int = 0
@@ -116,9 +119,9 @@ class TrainConfig:
         """Learning rate for 0-based ``step`` of ``total_steps`` (linear warm-up first)."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / (self.warmup_steps + 1)
-        if self.schedule == "constant" or total_steps <= 1:
+        if self.schedule == "constant" or total_steps - self.warmup_steps <= 1:
             return self.lr
-        frac = step / (total_steps - 1)
+        frac = (step - self.warmup_steps) / (total_steps - self.warmup_steps - 1)
         return self.lr_min + 0.5 * (self.lr - self.lr_min) * (1 + math.cos(math.pi * frac))
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -283,16 +286,20 @@ class JsonlWriter:
 
 
 def initial_lora(base_model: Path, targets: Sequence[str], rank: int, alpha: float, seed: int, dest: Path,
-                 *, architecture: str) -> Path:
+                 *, architecture: str, top_layers: int = 0) -> Path:
     """Write the starting LoRA for ``base_model``: for every ``blk.N.<target>.weight``, A (rank,
     n_in) uniform in +-1/sqrt(n_in) (PEFT's Kaiming-uniform default) and B (n_out, rank) = 0, so
-    the adapter starts as the identity and every gradient reaches B first."""
+    the adapter starts as the identity and every gradient reaches B first. ``top_layers`` > 0
+    adapts only the last that many blocks (backward then stops below them)."""
     reader = gguf.GGUFReader(base_model)
     rng = np.random.default_rng(seed)
     suffixes = tuple(f".{t}.weight" for t in targets)
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    n_layer = 1 + max(int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk."))
+    first = n_layer - top_layers if 0 < top_layers < n_layer else 0
     for t in reader.tensors:
-        if t.name.startswith("blk.") and t.name.endswith(suffixes) and len(t.shape) == 2:
+        if (t.name.startswith("blk.") and t.name.endswith(suffixes) and len(t.shape) == 2
+                and int(t.name.split(".")[1]) >= first):
             n_in, n_out = int(t.shape[0]), int(t.shape[1])  # ggml ne order
             bound = 1.0 / math.sqrt(n_in)
             pairs[t.name] = (
@@ -328,7 +335,8 @@ class Checkpoint:
         return self.dir / "checkpoint.json"
 
     def load(self, key: str) -> tuple[int, str]:
-        """(step to resume at, why not when 0)."""
+        """(step to resume at, why not when 0); the saved run numbers are in ``self.numbers``."""
+        self.numbers: dict[str, Any] = {}
         if not self.state.exists() or not self.adapter.exists():
             return 0, "no checkpoint"
         try:
@@ -339,15 +347,18 @@ class Checkpoint:
             return 0, "the checkpoint is of another config, dataset or base"
         if sha256_file(self.adapter) != state.get("sha256"):
             return 0, "the checkpoint adapter does not match its recorded checksum"
+        self.numbers = state.get("numbers") or {}
         return int(state.get("step", 0)), ""
 
-    def save(self, sess: TrainSession, *, step: int, key: str, architecture: str, alpha: float) -> None:
+    def save(self, sess: TrainSession, *, step: int, key: str, architecture: str, alpha: float,
+             numbers: dict[str, Any]) -> None:  # fmt: skip
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".checkpoint.{os.getpid()}.tmp"
         write_lora_gguf(tmp, architecture=architecture, pairs=sess.lora_pairs(), alpha=alpha)
         os.replace(tmp, self.adapter)
         state_tmp = self.dir / f".checkpoint.{os.getpid()}.json.tmp"
-        state_tmp.write_text(json.dumps({"key": key, "step": step, "sha256": sha256_file(self.adapter)}))
+        state_tmp.write_text(json.dumps({"key": key, "step": step, "sha256": sha256_file(self.adapter),
+                                         "numbers": numbers}))  # fmt: skip
         os.replace(state_tmp, self.state)
 
     def clear(self) -> None:
@@ -405,9 +416,13 @@ def train(
     out = Path(out_path) if out_path is not None else cfg.cache_dir / "trained" / f"{sha}.{suffix}"
     architecture = _architecture(cfg.base_model)
     ckpt = Checkpoint(Path(checkpoint_dir)) if (lora and checkpoint_dir is not None) else None
-    init = cfg.cache_dir / "trained" / f"{sha}.init-r{cfg.rank}-s{cfg.seed}.lora.gguf"
+    import hashlib
+
+    init_key = hashlib.sha256(repr((cfg.targets, cfg.rank, cfg.alpha, cfg.seed, cfg.top_layers)).encode()).hexdigest()[:12]
+    init = cfg.cache_dir / "trained" / f"{sha}.init-{init_key}.lora.gguf"
     if lora:
-        initial_lora(cfg.base_model, cfg.targets, cfg.rank, cfg.alpha, cfg.seed, init, architecture=architecture)
+        initial_lora(cfg.base_model, cfg.targets, cfg.rank, cfg.alpha, cfg.seed, init, architecture=architecture,
+                     top_layers=cfg.top_layers)  # fmt: skip
 
     # Tokenize and pack with the base's vocabulary (loaded alone: cheap, no weights).
     from trainer.llama_opt import VocabOnly
@@ -446,14 +461,21 @@ def train(
         epoch_losses: list[float] = []
         t_train = time.perf_counter()
         trained_tokens = 0
+        saved = ckpt.numbers if (ckpt is not None and start_step) else {}
+        if saved:  # the numbers of the steps the checkpoint holds
+            first_loss = float(saved.get("first_loss", first_loss))
+            epoch_losses = [float(x) for x in saved.get("epoch_losses", [])]
         for epoch in range(cfg.epochs):
             order = list(range(len(packing.windows)))
             if cfg.shuffle:
                 rng.shuffle(order)
             losses, weights = [], []
+            if saved and len(epoch_losses) == epoch:  # this epoch was under way at the checkpoint
+                losses, weights = list(saved.get("losses", [])), list(saved.get("weights", []))
             for i in order:
                 if step < start_step:  # resuming: these steps are in the checkpoint
                     step += 1
+                    tokens += cfg.n_ctx
                     continue
                 if stop is not None and stop.is_set():
                     raise TrainingInterrupted(step, total)
@@ -484,7 +506,9 @@ def train(
                 for cb in callbacks:
                     cb(event)
                 if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                    ckpt.save(sess, step=step, key=key, architecture=architecture, alpha=cfg.alpha)
+                    numbers = {"first_loss": first_loss, "epoch_losses": epoch_losses, "losses": losses,
+                               "weights": weights}  # fmt: skip
+                    ckpt.save(sess, step=step, key=key, architecture=architecture, alpha=cfg.alpha, numbers=numbers)
             if losses:
                 epoch_losses.append(float(np.average(losses, weights=weights)))
         train_s = time.perf_counter() - t_train

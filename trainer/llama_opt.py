@@ -195,17 +195,6 @@ def _new_context(model: ctypes.c_void_p, *, n_ctx: int, n_batch: int, threads: i
     return ctx
 
 
-def _tokenize(vocab: ctypes.c_void_p, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-    raw = text.encode("utf-8")
-    cap = max(16, len(raw) + 8)
-    while True:
-        buf = (llc.llama_token * cap)()
-        n = llc.llama_tokenize(vocab, raw, len(raw), buf, cap, add_special, parse_special)
-        if n >= 0:
-            return list(buf[:n])
-        cap = -n
-
-
 def _piece(vocab: ctypes.c_void_p, token: int) -> bytes:
     buf = ctypes.create_string_buffer(256)
     n = llc.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
@@ -283,7 +272,7 @@ class _ModelHandle:
 
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
         """Token ids for ``text``; special tokens (``<|im_start|>``...) are parsed by default."""
-        return _tokenize(self.vocab, text, add_special=add_special, parse_special=parse_special)
+        return self.text.tokenize(text, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, tokens: Iterable[int]) -> str:
         return b"".join(_piece(self.vocab, t) for t in tokens).decode("utf-8", "replace")

@@ -370,6 +370,7 @@ def _run_stages(
         rank=t.rank,
         alpha=t.alpha,
         quantized_base=t.quantized_base,
+        top_layers=t.top_layers,
         checkpoint_every=t.checkpoint_every,
         warmup_steps=t.warmup_steps,
     )
