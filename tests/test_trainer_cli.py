@@ -96,7 +96,8 @@ def test_dataset_command_reports_counts_and_writes_the_split(
 ) -> None:
     out = tmp_path / "ds"
     rc = main(["dataset", "--config", str(EXAMPLE / "trainer.toml"), "--db", str(example_data / "conversations-*.sqlite3"),
-               "--jsonl", str(example_data / "conversations.jsonl"), "--max-items", "5000", "--out", str(out)])  # fmt: skip
+               "--jsonl", str(example_data / "conversations.jsonl"), "--max-items", "5000", "--n-ctx", "256",
+               "--out", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "conversation log (2 file(s))" in printed
@@ -211,6 +212,10 @@ def test_compare_scores_both_paths_offline(tmp_path: Path, capsys: pytest.Captur
                        "--n", "2", "--max-tokens", "4", "--json", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
     assert rc == 0
-    assert "cto-prompt: house style 0%" in printed and "cto-finetuned: house style 0%" in printed
-    answers = json.loads(out.read_text())["answers"]
-    assert len(answers["cto-prompt"]) == len(answers["cto-finetuned"]) == 2
+    # one row per path: strict style 0% (a random tiny model), the three paths side by side
+    for path in ("cto-prompt", "cto-finetuned", "base"):
+        assert f"| {path} | 0% | 0% |" in printed, printed
+    data = json.loads(out.read_text())
+    answers = data["answers"]
+    assert len(answers["cto-prompt"]) == len(answers["cto-finetuned"]) == len(answers["base"]) == 2
+    assert data["scores"]["cto-finetuned"]["strict_distinct"] == 0.0
