@@ -11,7 +11,7 @@ MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS  := -DGGML_LLAMAFILE=OFF -DLLAVA_BUILD=OFF
 LLAMA_PATCHES     := $(sort $(wildcard patches/llama-cpp-python-$(LLAMA_CPP_VERSION)-*.patch))
-LLAMA_BUILD_ID    := $(shell (echo '$(LLAMA_CMAKE_ARGS)'; cat $(LLAMA_PATCHES) /dev/null) | sha256sum | cut -c1-10)
+LLAMA_BUILD_ID    := $(shell (echo '$(LLAMA_CMAKE_ARGS)'; cat $(LLAMA_PATCHES) scripts/build_llama_wheel.sh) | sha256sum | cut -c1-10)
 WHEELHOUSE ?= $(HOME)/.cache/adapter-chat/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_BUILD_ID)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
@@ -30,7 +30,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(WHEELHOUSE)/.built: $(LLAMA_PATCHES) scripts/build_llama_wheel.sh | $(BIN)/python
+# No file prerequisites: the folder's name already hashes the patches, the script and the flags
+# (file mtimes would rebuild in every fresh clone).
+$(WHEELHOUSE)/.built: | $(BIN)/python
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" bash scripts/build_llama_wheel.sh $(BIN)/python $(LLAMA_CPP_VERSION) $(WHEELHOUSE)
 	touch $@
 
