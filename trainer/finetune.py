@@ -18,6 +18,7 @@ Loss: only assistant tokens (and their end-of-turn token) are targets; see :mod:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -367,8 +368,6 @@ class Checkpoint:
 
 
 def _run_key(cfg: TrainConfig, sha: str, packing: Packing, windows_sha: str) -> str:
-    import hashlib
-
     hp = cfg.hyperparameters()
     hp.pop("cache_dir", None)
     hp.pop("checkpoint_every", None)
@@ -416,8 +415,6 @@ def train(
     out = Path(out_path) if out_path is not None else cfg.cache_dir / "trained" / f"{sha}.{suffix}"
     architecture = _architecture(cfg.base_model)
     ckpt = Checkpoint(Path(checkpoint_dir)) if (lora and checkpoint_dir is not None) else None
-    import hashlib
-
     init_key = hashlib.sha256(repr((cfg.targets, cfg.rank, cfg.alpha, cfg.seed, cfg.top_layers)).encode()).hexdigest()[:12]
     init = cfg.cache_dir / "trained" / f"{sha}.init-{init_key}.lora.gguf"
     if lora:
@@ -433,8 +430,6 @@ def train(
     packing = pack(convs, cfg.n_ctx, pad_id)
     if not packing.windows:
         raise ValueError("no training window: no example has an assistant token to learn")
-    import hashlib
-
     wh = hashlib.sha256()
     for w in packing.windows:
         wh.update(np.asarray(w.inputs + w.labels, dtype=np.int32).tobytes())
