@@ -94,6 +94,24 @@ def test_items_are_packed_whole_and_long_ones_are_cut_and_counted() -> None:
     assert 0 < p.fill <= 1
 
 
+def test_each_packed_item_is_its_own_sequence() -> None:
+    """seq_ids: one run per item in window order, the padding one more; never more runs than
+    max_seqs (a window that would hold more starts a new one)."""
+    tpl = ChatTemplate(None)
+    vocab = CharVocab()
+    chats = [Chat("", ({"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * k})) for k in range(1, 9)]
+    convs = [tokenize_example(vocab, tpl, c) for c in chats]
+    p = pack(convs, 512, pad_id=0)
+    assert len(p.windows) == 1
+    w = p.windows[0]
+    assert len(w.seq_ids) == 512 and w.seq_ids == sorted(w.seq_ids)
+    runs = [len([s for s in w.seq_ids if s == k]) for k in range(max(w.seq_ids) + 1)]
+    assert runs[:-1] == [len(c.ids) for c in convs] and runs[-1] == 512 - sum(len(c.ids) for c in convs)
+    capped = pack(convs, 512, pad_id=0, max_seqs=4)  # three items and the padding per window
+    assert [len(set(w.seq_ids)) for w in capped.windows] == [4, 4, 3]
+    assert sum(capped.per_window) == p.labelled_tokens
+
+
 def test_a_plain_text_item_trains_on_every_token() -> None:
     conv = tokenize_example(CharVocab(), ChatTemplate(None), Chat("abc<|im_end|>", None))
     assert conv.ids == [1000 + ord("a"), 1000 + ord("b"), 1000 + ord("c"), EOT] and all(conv.mask)

@@ -86,6 +86,41 @@ def test_reported_loss_is_the_mean_over_labelled_positions_only(tiny_f32: Path, 
     assert abs(everything - expected) > 10 * abs(got - expected)  # the test can tell them apart
 
 
+def test_a_packed_window_trains_each_item_as_it_is_served(tiny_f32: Path, tmp_path: Path) -> None:
+    """Three items packed into one window with their own sequence ids: the loss a step reports
+    (B = 0, so the base model's) is the mean NLL of each item's targets computed *alone*, from
+    position 0, as the server sees a conversation. As one sequence, the later items would attend
+    to the earlier ones and sit at later positions: a different loss.
+
+    Before llama_opt_set_seq_ids (patches/llama-cpp-python-0.3.36-training.patch) a packed
+    window was one sequence, so an answer saw, and could learn to copy, the answers before it."""
+    init = initial_lora(tiny_f32, ("attn_q", "ffn_down"), 4, 8.0, 0, tmp_path / "init.gguf", architecture="llama")
+    items = [_window(n, seed=10 + n) for n in (60, 90, 70)]  # each n + 1 tokens
+    inputs: list[int] = []
+    labels: list[int] = []
+    seq_ids: list[int] = []
+    expected_sum, n_targets = 0.0, 0
+    with InferenceSession(tiny_f32, n_ctx=256, threads=THREADS) as inf:
+        for k, item in enumerate(items):
+            nll = inf.window_nll(item)  # position j predicts item[j + 1], from position 0
+            targets = range(len(item) // 2, len(item) - 1)  # the second half is the "answer"
+            expected_sum += float(nll[list(targets)].sum())
+            n_targets += len(targets)
+            inputs += item[:-1]
+            labels += [item[j + 1] if j in targets else IGNORE_INDEX for j in range(len(item) - 1)]
+            seq_ids += [k] * (len(item) - 1)
+    pad = 256 - len(inputs)
+    inputs += [0] * pad
+    labels += [IGNORE_INDEX] * pad
+    seq_ids += [len(items)] * pad
+    expected = expected_sum / n_targets
+    with TrainSession(tiny_f32, n_ctx=256, threads=THREADS, optimizer="sgd", lr=1e-9, lora=init) as s:  # ~no update
+        packed = s.step(inputs, labels, seq_ids)
+        as_one_sequence = s.step(inputs, labels)
+    assert packed == pytest.approx(expected, rel=2e-3), (packed, expected, as_one_sequence)
+    assert abs(as_one_sequence - expected) > 10 * abs(packed - expected), (packed, expected, as_one_sequence)
+
+
 def _answer_loss(model: Path, adapter: Path | None, windows: list[tuple[list[int], list[int]]]) -> float:
     with InferenceSession(model, n_ctx=256, threads=THREADS, adapter=adapter) as inf:
         tot, n = 0.0, 0

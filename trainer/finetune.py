@@ -432,7 +432,7 @@ def train(
         raise ValueError("no training window: no example has an assistant token to learn")
     wh = hashlib.sha256()
     for w in packing.windows:
-        wh.update(np.asarray(w.inputs + w.labels, dtype=np.int32).tobytes())
+        wh.update(np.asarray(w.inputs + w.labels + w.seq_ids, dtype=np.int32).tobytes())
     key = _run_key(cfg, sha, packing, wh.hexdigest())
     start_step, resume_note = (0, "")
     if ckpt is not None:
@@ -477,7 +477,7 @@ def train(
                 lr = cfg.lr_at(step, total)
                 sess.set_lr(lr)
                 w = packing.windows[i]
-                loss = sess.step(w.inputs, w.labels)
+                loss = sess.step(w.inputs, w.labels, w.seq_ids)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {step + 1}; lower lr (now {lr:g})")
                 step += 1

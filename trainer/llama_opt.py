@@ -21,10 +21,11 @@ Facts about llama-cpp-python 0.3.36 (and the llama.cpp it vendors) that this mod
   ``ggml_opt_get_constant_optimizer_params`` pointed at a struct we own;
 - trained tensors must be F32 (see ``llama_set_param`` in ``src/llama-context.cpp``), and for a
   full finetune the weights writable (``load_mode = LLAMA_LOAD_MODE_NONE``);
-- three fixes to the vendored llama.cpp are needed (``patches/``, built into the wheel by the
+- five fixes to the vendored llama.cpp are needed (``patches/``, built into the wheel by the
   Makefile): gradients reset at every optimizer step, a negative label is an ignore index (no
-  loss, no gradient), and ``llama_opt_init`` offers the context's LoRA tensors to the
-  parameter filter;
+  loss, no gradient) with the exact cross-entropy gradient for it, ``llama_opt_init`` offers
+  the context's LoRA tensors to the parameter filter, and ``llama_opt_set_seq_ids`` makes each
+  item packed into a window its own sequence (no attention across items, positions from 0);
 - ``n_ubatch`` must equal ``n_ctx`` or the K and V projections get no gradient, and llama.cpp
   pads ``n_ctx`` to a multiple of 256, so training windows are multiples of 256 tokens;
 - one ``llama_opt_epoch`` call per window (a one-datapoint dataset): Python regains control
@@ -50,6 +51,8 @@ GGML_TYPE_I32 = 26
 LLAMA_LOAD_MODE_NONE = 0
 LLAMA_FLASH_ATTN_TYPE_DISABLED = 0
 OPTIMIZERS: dict[str, int] = {"adamw": 0, "sgd": 1}  # enum ggml_opt_optimizer_type
+MAX_PACKED_SEQS = 64
+"""Sequences (packed items plus padding) one training window may hold (the context's n_seq_max)."""
 
 from server.registry import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS  # noqa: E402
 
@@ -159,6 +162,9 @@ def _backend(verbose: bool) -> None:
 
 
 _opt_init = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, LlamaOptParams)(("llama_opt_init", llc._lib))
+_opt_set_seq_ids = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)(
+    ("llama_opt_set_seq_ids", llc._lib)
+)
 _opt_epoch = ctypes.CFUNCTYPE(
     None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
 )(("llama_opt_epoch", llc._lib))
@@ -180,7 +186,9 @@ def _new_context(model: ctypes.c_void_p, *, n_ctx: int, n_batch: int, threads: i
     cparams.n_ctx = n_ctx
     cparams.n_batch = n_batch
     cparams.n_ubatch = n_batch
-    cparams.n_seq_max = 1
+    cparams.n_seq_max = MAX_PACKED_SEQS if f32_cache else 1
+    # training: the items packed into a window are sequences of one unified cache of n_ctx cells
+    cparams.kv_unified = f32_cache
     cparams.n_threads = threads
     cparams.n_threads_batch = threads
     cparams.no_perf = True
@@ -433,10 +441,15 @@ class TrainSession:
         if weight_decay is not None:
             self._opt_pars.adamw_wd = self._opt_pars.sgd_wd = weight_decay
 
-    def step(self, inputs: Sequence[int], labels: Sequence[int] | None = None) -> float:
+    def step(
+        self, inputs: Sequence[int], labels: Sequence[int] | None = None, seq_ids: Sequence[int] | None = None
+    ) -> float:
         """One optimizer step on one window; returns the mean cross-entropy of the labelled
         positions. ``labels=None``: ``inputs`` holds ``n_ctx + 1`` tokens and every next token
-        is a label (the unmasked case).
+        is a label (the unmasked case). ``seq_ids`` (one per position, non-decreasing, below
+        ``MAX_PACKED_SEQS``): each run of equal ids is its own sequence, from position 0, that
+        attends only to itself, as a conversation does when served; ``None``: the window is one
+        sequence.
 
         llama.cpp's loss (and so its gradient) is the sum over labelled positions divided by
         ``n_ctx``. For SGD the step's learning rate is scaled by ``n_ctx / labelled`` so that an
@@ -460,6 +473,15 @@ class TrainSession:
         scale = self.n_ctx / n_labelled
         if self.optimizer == "sgd":
             self._opt_pars.sgd_alpha = self.lr * scale
+        if seq_ids is None:
+            _opt_set_seq_ids(self._h.ctx, None, 0)
+        else:
+            seq = np.asarray(seq_ids, dtype=np.int32)
+            if len(seq) != self.n_ctx:
+                raise ValueError(f"seq_ids must hold n_ctx = {self.n_ctx} ids, got {len(seq)}")
+            if seq.min() < 0 or seq.max() >= MAX_PACKED_SEQS or (np.diff(seq) < 0).any():
+                raise ValueError(f"seq_ids must be non-decreasing ids in [0, {MAX_PACKED_SEQS})")
+            _opt_set_seq_ids(self._h.ctx, seq.ctypes.data, self.n_ctx)
         n = self.n_ctx * 4
         ctypes.memmove(self._data, x.ctypes.data, n)
         ctypes.memmove(self._labels, y.ctypes.data, n)

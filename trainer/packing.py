@@ -7,7 +7,10 @@ training target and ``IGNORE_INDEX`` otherwise (the prompt, the system prompt, t
 padding, and the first token of the next item in the window).
 
 Packing is first-fit in the given order: an item that fits in a window is never split, so an
-answer is learnt with its prompt in view. An item longer than the window is cut into window-sized
+answer is learnt with its prompt in view. Each item in a window is its own sequence
+(``Window.seq_ids``): it starts at position 0 and attends only to itself, so what is trained is
+what is served (without it an answer would see, and could learn to copy, the unrelated answers
+packed before it). An item longer than the window is cut into window-sized
 pieces (counted in ``Packing.items_cut``); a piece with no target is dropped. Pure logic: no
 llama.cpp here, the vocabulary is passed in.
 """
@@ -21,6 +24,8 @@ from typing import Any, Protocol
 from server.chat_template import ChatTemplate, TokenizedConversation, Vocab, tokenize_conversation, trained_messages
 
 IGNORE_INDEX = -1
+MAX_SEQS = 64
+"""Sequences per window, as ``trainer.llama_opt.MAX_PACKED_SEQS`` (the training context's n_seq_max)."""
 
 
 class Example(Protocol):
@@ -48,10 +53,14 @@ def tokenize_example(vocab: Vocab, template: ChatTemplate, example: Example | st
 
 @dataclass(frozen=True)
 class Window:
-    """``n_ctx`` input ids and ``n_ctx`` labels (next token, or IGNORE_INDEX)."""
+    """``n_ctx`` input ids, ``n_ctx`` labels (next token, or IGNORE_INDEX), and per position the
+    sequence id of the item it belongs to (0, 1, ... in window order; the padding is one more
+    sequence). Each item is trained as its own sequence: from position 0, attending only to itself,
+    as it is served."""
 
     inputs: list[int]
     labels: list[int]
+    seq_ids: list[int]
 
     @property
     def n_labelled(self) -> int:
@@ -99,10 +108,15 @@ def item_labels(conv: TokenizedConversation) -> list[int]:
     return out
 
 
-def pack(convs: Sequence[TokenizedConversation], n_ctx: int, pad_id: int) -> Packing:
-    """First-fit packing of ``convs`` into windows of ``n_ctx`` positions (see module docstring)."""
+def pack(
+    convs: Sequence[TokenizedConversation], n_ctx: int, pad_id: int, *, max_seqs: int = MAX_SEQS
+) -> Packing:
+    """First-fit packing of ``convs`` into windows of ``n_ctx`` positions (see module docstring),
+    at most ``max_seqs`` sequences (items, and the padding) per window."""
     if n_ctx < 2:
         raise ValueError(f"n_ctx must be >= 2, got {n_ctx}")
+    if max_seqs < 2:
+        raise ValueError(f"max_seqs must be >= 2 (an item and the padding), got {max_seqs}")
     result = Packing(windows=[], n_ctx=n_ctx)
     pieces: list[tuple[list[int], list[int]]] = []
     for conv in convs:
@@ -117,19 +131,21 @@ def pack(convs: Sequence[TokenizedConversation], n_ctx: int, pad_id: int) -> Pac
             x, y = conv.ids[start : start + n_ctx], labels[start : start + n_ctx]
             if any(t >= 0 for t in y):
                 pieces.append((x, y))
-    bins: list[tuple[list[int], list[int]]] = []
+    bins: list[tuple[list[int], list[int], list[int]]] = []
     for x, y in pieces:
-        for bx, by in bins:
-            if len(bx) + len(x) <= n_ctx:
+        for bx, by, bs in bins:
+            if len(bx) + len(x) <= n_ctx and bs[-1] + 2 < max_seqs:
+                seq = bs[-1] + 1
                 bx.extend(x)
                 by.extend(y)
+                bs.extend([seq] * len(x))
                 break
         else:
-            bins.append((list(x), list(y)))
-    for bx, by in bins:
+            bins.append((list(x), list(y), [0] * len(x)))
+    for bx, by, bs in bins:
         result.positions += len(bx)
         pad = n_ctx - len(bx)
-        window = Window(bx + [pad_id] * pad, by + [IGNORE_INDEX] * pad)
+        window = Window(bx + [pad_id] * pad, by + [IGNORE_INDEX] * pad, bs + [bs[-1] + 1] * pad)
         result.windows.append(window)
         result.per_window.append(window.n_labelled)
         result.labelled_tokens += window.n_labelled
