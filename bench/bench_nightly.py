@@ -10,8 +10,9 @@ decode rate is measured right before, so the figures can be scaled to another ma
 - ``lora``: ``examples/fractional-cto/trainer.toml`` as committed (LoRA trained directly on the
   served Q4_1 base, assistant-only loss, task score with ``style_check.is_house_style_distinct``).
 - ``full``: today's path before this change: full finetune of the FP32 copy (SGD, lr 2e-3,
-  256-token windows, one epoch) and an SVD extraction to a LoRA (90% energy, rank <= 32), no
-  task score. It runs on the patched wheel, so its gradients are correct (the old bug made every
+  one epoch, ``windows = "stream"``: every token of the items concatenated and cut into 256-token
+  windows, every token a target, as the trainer did) and an SVD extraction to a LoRA (90% energy,
+  rank <= 32), no task score. It runs on the patched wheel, so its gradients are correct (the old bug made every
   step apply the sum of all earlier gradients; speed is the same).
 
     python examples/fractional-cto/generate.py --log examples/fractional-cto/data/conversations.sqlite3
@@ -38,7 +39,7 @@ WORK = REPO / "bench" / ".work" / "nightly"
 BASE = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TODAY = {  # the [train]/[gate] of examples/fractional-cto/trainer.toml before this change
-    "method": '"full"', "n_ctx": "256", "epochs": "1", "lr": "2e-3", "optimizer": '"sgd"',
+    "method": '"full"', "windows": '"stream"', "n_ctx": "256", "epochs": "1", "lr": "2e-3", "optimizer": '"sgd"',
     "max_items": "400",
 }  # fmt: skip
 

@@ -107,6 +107,22 @@ def test_config_lists_every_problem(tmp_path: Path) -> None:
         TrainConfig(base_model=tmp_path / "m.gguf", cache_dir=tmp_path, n_ctx=300, optimizer="lion", epochs=0)
     msg = str(info.value)
     assert "n_ctx" in msg and "optimizer" in msg and "epochs" in msg
+    with pytest.raises(ValueError, match="windows"):
+        TrainConfig(base_model=tmp_path / "m.gguf", cache_dir=tmp_path, windows="sliding")
+
+
+def test_stream_windows_are_todays_path_every_token_a_target() -> None:
+    """``windows = "stream"`` (kept to benchmark against): items concatenated and cut across their
+    boundaries, every next token a label, one sequence per window, cut items counted."""
+    from server.chat_template import TokenizedConversation
+    from trainer.finetune import _stream
+
+    convs = [TokenizedConversation(list(range(k * 100, k * 100 + 100)), [False] * 100) for k in range(6)]
+    p = _stream(convs, 256)
+    assert len(p.windows) == 3 and p.items_cut == 2  # boundaries at 256 and 512 fall inside items
+    w = p.windows[0]
+    assert w.labels == w.inputs[1:] + [256] and set(w.seq_ids) == {0}
+    assert p.labelled_tokens == 3 * 256
 
 
 def test_windows_cover_every_token_without_padding() -> None:

@@ -30,6 +30,7 @@ from typing import Any, Mapping
 from server.registry import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS  # noqa: E402
 OPTIMIZERS = ("sgd", "adamw")
 METHODS = ("lora", "full")
+WINDOWS = ("packed", "stream")
 SCHEDULES = ("constant", "cosine")
 GATE_MODES = ("relative", "absolute")
 
@@ -94,6 +95,10 @@ class TrainSettings:
     """Method `lora`: steps between checkpoints; a killed run resumes from the last one. 0: none."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up over this many steps."""
+    windows: str = "packed"
+    """`packed`: items packed whole, one sequence each, loss on assistant tokens only. `stream`:
+    the trainer before session 4, kept to benchmark against: every item's tokens concatenated and
+    cut into windows across item boundaries, every token a target."""
     lr: float = 1e-3
     optimizer: str = "adamw"
     weight_decay: float = 0.0
@@ -418,6 +423,8 @@ def validate(cfg: TrainerConfig) -> list[str]:
             problems.append(f"{w}.train.rank must be >= 1, got {t.rank}")
         if not t.alpha > 0:
             problems.append(f"{w}.train.alpha must be > 0, got {t.alpha}")
+        if t.windows not in WINDOWS:
+            problems.append(f"{w}.train.windows must be one of {', '.join(WINDOWS)}, got {t.windows!r}")
         if t.checkpoint_every < 0 or t.warmup_steps < 0 or t.top_layers < 0:
             problems.append(f"{w}.train: checkpoint_every, warmup_steps and top_layers must be >= 0")
         g = a.gate

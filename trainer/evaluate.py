@@ -87,8 +87,8 @@ def _score(session: InferenceSession, convs: Sequence[TokenizedConversation]) ->
         ids, mask = conv.ids[: session.n_ctx + 1], np.asarray(conv.mask[1 : session.n_ctx + 1], dtype=bool)
         if not mask.any():
             continue
-        nll = session.window_nll(ids)
-        total += float(nll[mask].sum())
+        nll = session.window_nll(ids, only=mask)  # logits at the target positions only
+        total += float(nll.sum())
         count += int(mask.sum())
     loss = total / count if count else math.nan
     return ModelScore(loss=loss, perplexity=perplexity(loss), tokens=count, seconds=time.perf_counter() - t0)

@@ -38,11 +38,12 @@ from server.chat_template import ChatTemplate
 from server.gguf_info import sha256_file
 from server.registry import write_lora_gguf
 from trainer.llama_opt import DEFAULT_TARGETS, OPTIMIZERS, TrainSession
-from trainer.packing import Example, Packing, pack, tokenize_example
+from trainer.packing import Example, Packing, Window, pack, tokenize_example
 
 Callback = Callable[[dict[str, Any]], None]
 SCHEDULES = ("constant", "cosine")
 METHODS = ("lora", "full")
+WINDOWS = ("packed", "stream")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -87,6 +88,10 @@ class TrainConfig:
     checkpoint_every: int = 50
     """Steps between checkpoints of the LoRA (a killed run resumes from the last one); 0: none."""
     warmup_steps: int = 0
+    windows: str = "packed"
+    """``packed`` (:func:`trainer.packing.pack`: assistant-only loss, one sequence per item) or
+    ``stream`` (the trainer before session 4, kept for the benchmark: :func:`make_windows` over
+    every item's tokens, every token a target, windows across item boundaries)."""
 
     def __post_init__(self) -> None:
         self.base_model = Path(self.base_model)
@@ -109,6 +114,8 @@ class TrainConfig:
             problems.append(f"threads must be >= 1, got {self.threads}")
         if self.method not in METHODS:
             problems.append(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.windows not in WINDOWS:
+            problems.append(f"windows must be one of {WINDOWS}, got {self.windows!r}")
         if self.rank < 1:
             problems.append(f"rank must be >= 1, got {self.rank}")
         if not self.alpha > 0:
@@ -232,6 +239,22 @@ def make_windows(token_lists: Sequence[Sequence[int]], n_ctx: int) -> list[list[
     reps = math.ceil(need / len(stream))
     cyc = (stream * reps)[:need]
     return [cyc[i * n_ctx : i * n_ctx + n_ctx + 1] for i in range(n_windows)]
+
+
+def _stream(convs: Sequence[Any], n_ctx: int) -> Packing:
+    """``windows = "stream"``: every token of every item, concatenated, cut by :func:`make_windows`;
+    every next token is a label, one sequence per window."""
+    out = Packing(windows=[], n_ctx=n_ctx, items=len(convs))
+    for w in make_windows([c.ids for c in convs], n_ctx):
+        out.windows.append(Window(w[:-1], w[1:], [0] * n_ctx))
+        out.per_window.append(n_ctx)
+    out.labelled_tokens = out.positions = n_ctx * len(out.windows)
+    starts, pos = set(), 0
+    for c in convs:
+        starts.add(pos)
+        pos += len(c.ids)
+    out.items_cut = sum(1 for b in range(n_ctx, pos, n_ctx) if b not in starts)  # boundaries inside an item
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +450,7 @@ def train(
     with VocabOnly(cfg.base_model) as vocab:
         convs = [tokenize_example(vocab, template, ex) for ex in examples]
         pad_id = vocab.eos
-    packing = pack(convs, cfg.n_ctx, pad_id)
+    packing = pack(convs, cfg.n_ctx, pad_id) if cfg.windows == "packed" else _stream(convs, cfg.n_ctx)
     if not packing.windows:
         raise ValueError("no training window: no example has an assistant token to learn")
     wh = hashlib.sha256()

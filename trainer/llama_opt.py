@@ -589,7 +589,7 @@ class InferenceSession:
     def detokenize(self, tokens: Iterable[int]) -> str:
         return self._h.detokenize(tokens)
 
-    def _decode(self, tokens: Sequence[int], pos0: int, *, all_logits: bool) -> None:
+    def _decode(self, tokens: Sequence[int], pos0: int, *, all_logits: bool, logits_at: Sequence[bool] | None = None) -> None:  # noqa: E501
         n = len(tokens)
         batch = llc.llama_batch_init(n, 0, 1)
         try:
@@ -599,25 +599,37 @@ class InferenceSession:
                 batch.pos[i] = pos0 + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = 1 if (all_logits or i == n - 1) else 0
+                if logits_at is not None:
+                    batch.logits[i] = 1 if logits_at[i] else 0
+                else:
+                    batch.logits[i] = 1 if (all_logits or i == n - 1) else 0
             if llc.llama_decode(self._h.ctx, batch) != 0:
                 raise LlamaError("llama_decode failed")
         finally:
             llc.llama_batch_free(batch)
 
-    def window_nll(self, window: Sequence[int]) -> np.ndarray:
+    def window_nll(self, window: Sequence[int], only: Sequence[bool] | None = None) -> np.ndarray:
         """Per-token negative log-likelihood (nats) of ``window[1:]`` given the preceding tokens,
-        from one llama_decode of ``window[:-1]`` with logits for every position."""
+        from one llama_decode of ``window[:-1]``. ``only`` (one flag per position of
+        ``window[1:]``): llama.cpp computes logits just where it is set (the output matrix is a
+        fifth of this model's forward pass) and the result holds those positions only."""
         inputs, labels = list(window[:-1]), np.asarray(window[1:], dtype=np.int64)
         if not 0 < len(inputs) <= self.n_ctx:
             raise ValueError(f"window must hold 2..{self.n_ctx + 1} tokens, got {len(window)}")
+        if only is not None:
+            keep = np.asarray(only, dtype=bool)
+            if keep.shape != (len(inputs),) or not keep.any():
+                raise ValueError("only must hold one flag per scored position, at least one set")
+        else:
+            keep = np.ones(len(inputs), dtype=bool)
         self._h.clear_memory()
-        self._decode(inputs, 0, all_logits=True)
+        self._decode(inputs, 0, all_logits=True, logits_at=keep)
+        rows = int(keep.sum())
         ptr = llc.llama_get_logits(self._h.ctx)
-        logits = np.ctypeslib.as_array(ptr, shape=(len(inputs), self.n_vocab)).astype(np.float64)
+        logits = np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab)).astype(np.float64)
         m = logits.max(axis=1, keepdims=True)
         lse = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
-        return lse - logits[np.arange(len(inputs)), labels]
+        return lse - logits[np.arange(rows), labels[keep]]
 
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 64) -> str:
         """Greedy (argmax) continuation of ``prompt`` (token ids, or a rendered string whose

@@ -373,6 +373,7 @@ def _run_stages(
         top_layers=t.top_layers,
         checkpoint_every=t.checkpoint_every,
         warmup_steps=t.warmup_steps,
+        windows=t.windows,
     )
     template = ChatTemplate.from_model(base)
     hyper = _hyperparameters(cfg, adapter)

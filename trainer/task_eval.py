@@ -3,7 +3,8 @@
 Owns: loading a scorer (``file.py:function`` or ``module:function``), reading held-out prompts
 (``gate.score_file``, or the validation items' prompts), and answering them through the server's
 own engine (``server.engine.Engine``: the same tokenization, batching and sampler chain the
-server uses; greedy, all prompts submitted at once), with and without the adapter. The result
+server uses; greedy, the adapter's and the base's prompts all submitted at once to one engine),
+with and without the adapter. The result
 (:class:`TaskScore`) is the share of answers the scorer accepts, for the gate and the manifest.
 """
 
@@ -95,22 +96,29 @@ def _as_score(value: Any) -> float:
     return max(0.0, min(1.0, float(value)))
 
 
+MAX_PARALLEL = 16
+"""Sequences the scoring engine decodes together (greedy output does not depend on the batch)."""
+
+
 async def _answer_all(
-    model: Path, adapter: Path | None, prompts: Sequence[list[int]], *, max_tokens: int, n_ctx: int, threads: int
-) -> list[str]:
+    model: Path, jobs: Sequence[tuple[Path | None, Sequence[list[int]]]], *, max_tokens: int, n_ctx: int, threads: int
+) -> list[list[str]]:
     from server.engine import Engine, EngineConfig, SamplingParams
 
-    parallel = max(1, min(8, len(prompts)))
+    total = sum(len(p) for _, p in jobs)
+    parallel = max(1, min(MAX_PARALLEL, total))
     engine = Engine(EngineConfig(model_path=model, n_ctx=n_ctx, parallel=parallel, n_threads=threads,
-                                 queue_max=len(prompts) + 1))  # fmt: skip
+                                 queue_max=total + 1))  # fmt: skip
     await asyncio.to_thread(engine.start)
     try:
-        handles = ()
-        if adapter is not None:
-            handles = ((await engine.load_adapter(adapter), 1.0),)
+        loaded: dict[Path, Any] = {}
+        for adapter, _ in jobs:
+            if adapter is not None and adapter not in loaded:
+                loaded[adapter] = await engine.load_adapter(adapter)
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
 
-        async def one(tokens: list[int]) -> str:
+        async def one(adapter: Path | None, tokens: list[int]) -> str:
+            handles = ((loaded[adapter], 1.0),) if adapter is not None else ()
             text = []
             async for ev in engine.submit(tokens, params, adapters=handles):
                 text.append(ev.text)
@@ -118,9 +126,32 @@ async def _answer_all(
                     raise RuntimeError(f"engine error while scoring: {ev.error}")
             return "".join(text)
 
-        return list(await asyncio.gather(*(one(p) for p in prompts)))
+        flat = await asyncio.gather(*(one(a, p) for a, prompts in jobs for p in prompts))
+        out, i = [], 0
+        for _, prompts in jobs:
+            out.append(list(flat[i : i + len(prompts)]))
+            i += len(prompts)
+        return out
     finally:
         await asyncio.to_thread(engine.close)
+
+
+def answer_many(
+    base_model: Path,
+    jobs: Sequence[tuple[Path | None, Sequence[list[dict[str, str]]]]],
+    *,
+    template: ChatTemplate,
+    max_tokens: int = 200,
+    threads: int = 2,
+) -> list[list[str]]:
+    """Greedy answers for several (adapter or None, chat prompts) jobs in one engine run: all
+    prompts are submitted at once and batched together, as the server batches requests on
+    different adapters. Tokenized as the server tokenizes a request; adapters at scale 1."""
+    with VocabOnly(base_model) as vocab:
+        token_jobs = [(a, [tokenize_segments(vocab, template.render_segments(list(p), add_generation_prompt=True))
+                           for p in prompts]) for a, prompts in jobs]  # fmt: skip
+    n_ctx = max(len(t) for _, ts in token_jobs for t in ts) + max_tokens + 8
+    return asyncio.run(_answer_all(base_model, token_jobs, max_tokens=max_tokens, n_ctx=n_ctx, threads=threads))
 
 
 def answer_prompts(
@@ -132,14 +163,9 @@ def answer_prompts(
     max_tokens: int = 200,
     threads: int = 2,
 ) -> list[str]:
-    """Greedy answers to chat ``prompts`` through the server's engine, tokenized as the server
-    tokenizes a request, with the adapter at scale 1 (or the bare base)."""
-    segs = [template.render_segments(list(p), add_generation_prompt=True) for p in prompts]
-    with VocabOnly(base_model) as vocab:
-        token_lists = [tokenize_segments(vocab, s) for s in segs]
-    n_ctx = max(len(t) for t in token_lists) + max_tokens + 8
-    return asyncio.run(_answer_all(base_model, adapter, token_lists, max_tokens=max_tokens, n_ctx=n_ctx,
-                                   threads=threads))  # fmt: skip
+    """Greedy answers to chat ``prompts`` through the server's engine, with the adapter at scale
+    1 (or the bare base)."""
+    return answer_many(base_model, [(adapter, prompts)], template=template, max_tokens=max_tokens, threads=threads)[0]
 
 
 def score_task(
@@ -158,8 +184,7 @@ def score_task(
     fn = load_scorer(scorer)
     t0 = time.perf_counter()
     kw = {"template": template, "max_tokens": max_tokens, "threads": threads}
-    answers_ad = answer_prompts(base_model, adapter, prompts, **kw)
-    answers_base = answer_prompts(base_model, None, prompts, **kw)
+    answers_ad, answers_base = answer_many(base_model, [(adapter, prompts), (None, prompts)], **kw)
     ad = [_as_score(fn(a)) for a in answers_ad]
     base = [_as_score(fn(a)) for a in answers_base]
     examples = [
@@ -177,4 +202,4 @@ def score_task(
     )
 
 
-__all__ = ["TaskScore", "answer_prompts", "load_scorer", "read_prompts", "score_task"]
+__all__ = ["TaskScore", "answer_many", "answer_prompts", "load_scorer", "read_prompts", "score_task"]

@@ -60,18 +60,16 @@ def run_offline(model: Path, adapter: Path, qs: list[str], max_tokens: int) -> d
     and greedy sampler as `python -m server`)."""
     from server.chat_template import ChatTemplate, render_system_prompt
     from server.gguf_info import BaseModelInfo
-    from trainer.task_eval import answer_prompts
+    from trainer.task_eval import answer_many
 
     template = ChatTemplate.from_model(BaseModelInfo.load(model, sha256="-"))
     system = render_system_prompt((HERE / "cto-house-style.j2").read_text(encoding="utf-8"), {})
     user = [[{"role": "user", "content": q}] for q in qs]
     prompted = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in qs]
     kw = {"template": template, "max_tokens": max_tokens}
-    return {
-        "cto-prompt": answer_prompts(model, None, prompted, **kw),
-        "cto-finetuned": answer_prompts(model, adapter, user, **kw),
-        "base": answer_prompts(model, None, user, **kw),
-    }
+    # one engine run, the three paths batched together as the server batches them
+    prompt_path, finetuned, base = answer_many(model, [(None, prompted), (adapter, user), (None, user)], **kw)
+    return {"cto-prompt": prompt_path, "cto-finetuned": finetuned, "base": base}
 
 
 def scores(qs: list[str], replies: list[str]) -> dict[str, float]:
