@@ -136,23 +136,31 @@ class ChatTemplate:
         """From a `BaseModelInfo` (anything with chat_template, bos_token, eos_token)."""
         return cls(info.chat_template, info.bos_token, info.eos_token)
 
+    @property
+    def supports_tools(self) -> bool:
+        """The template renders OpenAI ``tools`` itself (it refers to a ``tools`` variable)."""
+        return re.search(r"\btools\b", self.source) is not None
+
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The prompt as one string (what the trainer learns from)."""
         return "".join(s.text for s in self.render_segments(messages, add_generation_prompt))
 
-    def render_segments(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[Segment]:
-        """The prompt split into template text and message content."""
+    def render_segments(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *, tools: list[dict] | None = None
+    ) -> list[Segment]:
+        """The prompt split into template text and message content (``tools``: OpenAI tool
+        definitions, for a template that :attr:`supports_tools`)."""
         # Markers of private-use characters: not whitespace, so a template's `| trim` keeps them.
         tag = secrets.token_hex(8)
         markers = {f"\ue000{tag}:{i}\ue001": (i, m["content"]) for i, m in enumerate(messages)}
         marked = [{**m, "content": key} for key, m in zip(markers, messages)]
-        text = self._render_raw(marked, add_generation_prompt)
+        text = self._render_raw(marked, add_generation_prompt, tools)
         pieces = re.split(f"(\ue000{tag}:[0-9]+\ue001)", text)
         if any(m not in pieces for m in markers):
             # The template transformed the content (e.g. stripped it), so markers did not survive
             # intact: render the real content and treat the whole prompt as content (no special
             # token parsing at all), which is always safe, if less faithful.
-            return [Segment(self._render_raw(messages, add_generation_prompt), content=True)]
+            return [Segment(self._render_raw(messages, add_generation_prompt, tools), content=True)]
         segments = []
         for piece in pieces:
             if not piece:
@@ -164,15 +172,18 @@ class ChatTemplate:
                 segments.append(Segment(piece, content=False))
         return segments
 
-    def _render_raw(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    def _render_raw(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                    tools: list[dict] | None = None) -> str:  # fmt: skip
         # `weight` is the trainer's (see trained_messages), never the template's business
         messages = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
+        extra = {"tools": tools} if tools else {}
         try:
             return self._template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                **extra,
             )
         except ChatTemplateError:
             raise

@@ -40,7 +40,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,11 +50,10 @@ import llama_cpp.llama_cpp as C
 from server.chat_template import Segment, tokenize_segments
 from server.llama_vocab import LlamaVocab
 from server.errors import QueueFull, ServiceUnavailable
+from server.sampling import SamplingParams, TokenLogprob, build_chain, token_logprobs
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed
-PENALTY_LAST_N = 64
 PREFIX_WORTH_TOKENS = 64  # a cached prefix this long outweighs keeping adapter groups contiguous
 # Copy another slot's prefix when that saves more prefill than the copy costs. llama.cpp copies the
 # donor's whole KV buffer: bench/kv_copy_cost.py measured +2 ms on the next decode for 1,024 tokens
@@ -86,20 +85,6 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repeat_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class LoraHandle:
     """A LoRA adapter loaded into llama.cpp. `id` is unique for the engine's lifetime."""
 
@@ -118,6 +103,8 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # the tokens sampled since the previous event
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (on the first event only)
 
     @property
     def final(self) -> bool:
@@ -235,6 +222,11 @@ class _Request:
     handles: tuple[LoraHandle, ...]
     stream: GenerationStream
     submitted: float = field(default_factory=time.monotonic)
+    after: _Request | None = None
+    """Another choice of the same prompt (``n`` > 1): this one is admitted once that one's prompt is
+    in the KV cache, so it copies the prompt (``_borrow_prefix``) instead of computing it again."""
+    fed: bool = False  # the whole prompt has been put in a batch (and so decoded before the next admit)
+    ended: bool = False
 
 
 class _Running:
@@ -251,6 +243,8 @@ class _Running:
         self.text = ""
         self.emitted = 0
         self.deadline = time.monotonic() + 0.0
+        self.logprobs: list[TokenLogprob] | None = [] if req.params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob] | None = [] if req.params.prompt_logprobs is not None else None
 
 
 @dataclass(eq=False)
@@ -294,6 +288,8 @@ class _Plan:
     n_tokens: int
     decode_seqs: int
     switched: bool
+    prompt_outputs: list[tuple[_Slot, int, int]] = field(default_factory=list)
+    """(slot, batch index, prompt position j): logits that score prompt token j + 1."""
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -424,6 +420,27 @@ class Engine:
     def tokenize_text(self, text: str) -> list[int]:
         return self._vocab.tokenize(text, add_special=False, parse_special=False)
 
+    def tokenize_raw(self, text: str) -> list[int]:
+        """A text completion's prompt, as llama-server tokenizes one: special tokens parsed, BOS
+        added when the vocabulary asks for it."""
+        return self._vocab.tokenize(text, add_special=self._vocab.add_bos, parse_special=True)
+
+    def tokenize_special(self, text: str) -> list[int]:
+        """Like :meth:`tokenize_raw`, without BOS."""
+        return self._vocab.tokenize(text, add_special=False, parse_special=True)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Text of ``tokens`` (any thread: its own buffer, not the scheduler's)."""
+        buf = ctypes.create_string_buffer(256)
+        out = []
+        for t in tokens:
+            n = C.llama_token_to_piece(self.vocab, t, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = C.llama_token_to_piece(self.vocab, t, buf, len(buf), 0, False)
+            out.append(buf.raw[:n])
+        return b"".join(out).decode("utf-8", "replace")
+
     def _piece(self, token: int) -> bytes:
         n = C.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
         if n < 0:
@@ -481,33 +498,53 @@ class Engine:
         adapters: Sequence[tuple[LoraHandle, float]] = (),
     ) -> GenerationStream:
         """Queue a request; raises QueueFull when `queue_max` requests already wait."""
+        return self.submit_choices(prompt, params, adapters, n=1)[0]
+
+    def submit_choices(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        adapters: Sequence[tuple[LoraHandle, float]] = (),
+        *,
+        n: int = 1,
+    ) -> list[GenerationStream]:
+        """Queue ``n`` generations of one prompt (OpenAI's ``n``), one stream each. Choice ``i``
+        samples with ``seed + i`` when a seed is given. Choices after the first wait for the
+        first's prompt to be in the KV cache and copy it rather than compute it again. Raises
+        QueueFull when the queue has no room for all ``n``."""
         if not self.alive:
             raise ServiceUnavailable("the model is not loaded yet")
+        if n < 1:
+            raise ValueError("n must be at least 1")
         loop = asyncio.get_running_loop()
         mailbox = self._mailboxes.get(loop)
         if mailbox is None:
             mailbox = self._mailboxes[loop] = _Mailbox(loop)
-        stream = GenerationStream(mailbox)
-        stream._engine = self
-        req = _Request(
-            prompt=list(prompt),
-            params=params,
-            adapters=tuple((h.id, float(s)) for h, s in adapters),
-            handles=tuple(h for h, _ in adapters),
-            stream=stream,
-        )
+        reqs: list[_Request] = []
+        for i in range(n):
+            stream = GenerationStream(mailbox)
+            stream._engine = self
+            p = params if i == 0 or params.seed is None else replace(params, seed=params.seed + i)
+            reqs.append(_Request(
+                prompt=list(prompt),
+                params=p,
+                adapters=tuple((h.id, float(s)) for h, s in adapters),
+                handles=tuple(h for h, _ in adapters),
+                stream=stream,
+                after=reqs[0] if i else None,
+            ))  # fmt: skip
         with self._lock:
             # waiting requests first fill the free slots, then up to queue_max more may wait
             free = sum(1 for s in self.slots if s.run is None)
-            if len(self._pending) >= free + self.config.queue_max:
+            if len(self._pending) + n - 1 >= free + self.config.queue_max:
                 raise QueueFull(
                     f"the server is at capacity ({self.config.parallel} running, {len(self._pending)} queued); "
                     "retry shortly",
                     retry_after=1,
                 )
-            self._pending.append(req)
+            self._pending.extend(reqs)
         self._wake.set()
-        return stream
+        return [r.stream for r in reqs]
 
     # ------------------------------------------------------------------ scheduler thread
 
@@ -578,8 +615,15 @@ class Engine:
                 free = [s for s in self.slots if s.run is None]
                 if not free:
                     return
-                req = self._pending.popleft()
+                # in order, except that a later choice of a prompt waits for the first one's prompt
+                i = next((i for i, r in enumerate(self._pending)
+                          if r.after is None or r.after.fed or r.after.ended or r.stream.cancelled), None)  # fmt: skip
+                if i is None:
+                    return
+                req = self._pending[i]
+                del self._pending[i]
             if req.stream.cancelled:
+                req.ended = True
                 self._emit(req.stream, TokenEvent(finish_reason="cancelled", prompt_tokens=len(req.prompt)))
                 continue
             slot, n_keep = self._pick_slot(free, req)
@@ -601,6 +645,11 @@ class Engine:
         scattered over 0, 2, 4, 6 costs four passes per step instead of one (measured: 35 ms vs 20
         ms per step of 4).
         """
+        if req.params.prompt_logprobs is not None:  # every prompt position's logits are needed
+            best = max(free, key=lambda s: (s.kv_key == () and not s.kv_tokens, -s.last_used))
+            self._forget(best)
+            best.kv_key = req.adapters
+            return best, 0
         running = [s for s in self.slots if s.run is not None]
         lane_keys = {lane.idx: {s.run.req.adapters for s in running if s.lane is lane} for lane in self.lanes}
         lane_load = {lane.idx: sum(1 for s in running if s.lane is lane) for lane in self.lanes}
@@ -694,23 +743,7 @@ class Engine:
         slot.kv_key = ()
 
     def _make_chain(self, p: SamplingParams) -> Any:
-        chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
-        add = lambda s: C.llama_sampler_chain_add(chain, s)  # noqa: E731
-        if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
-            add(C.llama_sampler_init_penalties(PENALTY_LAST_N, p.repeat_penalty, p.frequency_penalty,
-                                               p.presence_penalty))
-        if p.temperature <= 0.0:
-            add(C.llama_sampler_init_greedy())
-            return chain
-        if p.top_k > 0:
-            add(C.llama_sampler_init_top_k(p.top_k))
-        if p.top_p < 1.0:
-            add(C.llama_sampler_init_top_p(p.top_p, 1))
-        if p.min_p > 0.0:
-            add(C.llama_sampler_init_min_p(p.min_p, 1))
-        add(C.llama_sampler_init_temp(p.temperature))
-        add(C.llama_sampler_init_dist(DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF))
-        return chain
+        return build_chain(self.vocab, self.n_vocab, p)
 
     def _choose_group(self, lane: _Lane, runnable: list[_Slot]) -> AdapterSet:
         groups = {s.run.req.adapters for s in runnable}
@@ -750,6 +783,7 @@ class Engine:
         b = lane.batch
         n = 0
         outputs: list[tuple[_Slot, int]] = []  # (slot, batch index whose logits to sample)
+        prompt_outputs: list[tuple[_Slot, int, int]] = []
         budget = self.config.n_batch
         # 1. one token for every sequence that is generating
         for slot in members:
@@ -768,19 +802,25 @@ class Engine:
             if remaining <= 0 or run.next_token is not None or n >= budget:
                 continue
             take = min(remaining, budget - n)
+            scored = run.prompt_logprobs is not None
             for j in range(take):
-                tok = run.req.prompt[run.n_fed + j]
-                last = run.n_fed + j == len(run.req.prompt) - 1
-                self._put(b, n, tok, len(slot.kv_tokens), slot.seq, last)
+                pos = run.n_fed + j
+                tok = run.req.prompt[pos]
+                last = pos == len(run.req.prompt) - 1
+                self._put(b, n, tok, len(slot.kv_tokens), slot.seq, last or scored)
                 slot.kv_tokens.append(tok)
                 if last:
                     outputs.append((slot, n))
+                elif scored:
+                    prompt_outputs.append((slot, n, pos))
                 n += 1
             run.n_fed += take
+            if run.n_fed >= len(run.req.prompt):
+                run.req.fed = True
         if n == 0:
             return None
         b.n_tokens = n
-        return _Plan(lane, members, outputs, n, decode_seqs, switched)
+        return _Plan(lane, members, outputs, n, decode_seqs, switched, prompt_outputs)
 
     def _decode(self, plans: list[_Plan]) -> None:
         """Run the planned lanes' llama_decode calls, then sample.
@@ -823,6 +863,10 @@ class Engine:
                     if slot.run is not None:
                         self._finish(slot, error=f"decode failed ({rc})")
                 continue
+            for slot, idx, pos in plan.prompt_outputs:
+                run = slot.run
+                run.prompt_logprobs.append(token_logprobs(
+                    lane.ctx, idx, self.n_vocab, run.req.prompt[pos + 1], run.req.params.prompt_logprobs, self._piece))
             for slot, idx in plan.outputs:
                 self._sample(slot, idx)
 
@@ -841,6 +885,8 @@ class Engine:
             self._emit_rest(slot)
             self._finish(slot, finish_reason="stop")
             return
+        if run.logprobs is not None:
+            run.logprobs.append(token_logprobs(slot.lane.ctx, idx, self.n_vocab, tok, run.req.params.logprobs, self._piece))
         run.n_generated += 1
         run.text += run.decoder.decode(self._piece(tok))
         stops = run.req.params.stop
@@ -860,9 +906,22 @@ class Engine:
         hold = self._holdback(run.text, stops) if stops else 0
         upto = len(run.text) - hold
         if upto > run.emitted:
-            self._emit(run.req.stream, TokenEvent(text=run.text[run.emitted:upto]))
+            self._emit(run.req.stream, TokenEvent(text=run.text[run.emitted:upto], logprobs=self._take_logprobs(run),
+                                                 prompt_logprobs=self._take_prompt_logprobs(run)))
             run.emitted = upto
         run.next_token = tok
+
+    @staticmethod
+    def _take_prompt_logprobs(run: _Running) -> list[TokenLogprob] | None:
+        out, run.prompt_logprobs = run.prompt_logprobs, None
+        return out
+
+    @staticmethod
+    def _take_logprobs(run: _Running) -> list[TokenLogprob] | None:
+        if not run.logprobs:
+            return None
+        out, run.logprobs = run.logprobs, []
+        return out
 
     @staticmethod
     def _holdback(text: str, stops: tuple[str, ...]) -> int:
@@ -878,12 +937,14 @@ class Engine:
     def _emit_rest(self, slot: _Slot) -> None:
         run = slot.run
         if len(run.text) > run.emitted:
-            self._emit(run.req.stream, TokenEvent(text=run.text[run.emitted:]))
+            self._emit(run.req.stream, TokenEvent(text=run.text[run.emitted:], logprobs=self._take_logprobs(run),
+                                                 prompt_logprobs=self._take_prompt_logprobs(run)))
             run.emitted = len(run.text)
 
     def _finish(self, slot: _Slot, *, finish_reason: str | None = None, error: str | None = None) -> None:
         run = slot.run
         slot.run = None
+        run.req.ended = True
         slot.last_used = time.monotonic()
         C.llama_sampler_free(run.chain)
         self._emit(
@@ -894,6 +955,8 @@ class Engine:
                 prompt_tokens=len(run.req.prompt),
                 completion_tokens=run.n_generated,
                 cached_tokens=run.n_cached,
+                logprobs=self._take_logprobs(run),
+                prompt_logprobs=self._take_prompt_logprobs(run),
             )
         )
 

@@ -347,3 +347,26 @@ def test_thumbs_down_with_a_correction_trains_on_the_correction(tmp_path: Path, 
         got = read_log([path], SourceConfig(min_rating=min_rating), template)
         assert answers(got.items) == ["the right answer"]
         assert got.dropped[f"rating below {min_rating}"] == 1
+
+
+def test_text_completions_and_tool_calls_are_left_out_with_their_reasons(tmp_path: Path, template: ChatTemplate) -> None:
+    """What /v1/completions and tool calling log is not a chat answer to learn: dropped, counted."""
+    path = tmp_path / "log.sqlite3"
+    log = ConversationLog(path)
+    log_exchange(log, "c1", "Q", "a chat answer")
+    base = {"created_at": time.time() - 60, "model": "base", "route": "base", "path_kind": "base", "adapters": []}
+    log.begin({**base, "id": "t1", "messages": [], "params": {"endpoint": "completions", "prompt": "The sea is"}})
+    log.finish("t1", {"status": "completed", "response": " blue.", "finish_reason": "stop"})
+    log.begin({**base, "id": "t2", "messages": [{"role": "user", "content": "Weather?"}], "params": {}})
+    log.finish("t2", {"status": "completed", "response": '{"name": "w", "arguments": {}}', "finish_reason": "tool_calls"})
+    log.begin({**base, "id": "t3", "params": {}, "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function",
+                                                             "function": {"name": "w", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "Sunny"}]})  # fmt: skip
+    log.finish("t3", {"status": "completed", "response": "It is sunny.", "finish_reason": "stop"})
+    log.flush()
+    log.close()
+    got = read_log([path], SourceConfig(), template)
+    assert answers(got.items) == ["a chat answer"]
+    assert got.dropped == {"text completion, not a chat": 1, "tool calling exchange (not trained on)": 2}

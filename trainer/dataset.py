@@ -399,6 +399,13 @@ def read_log(
         except (TypeError, json.JSONDecodeError):
             result.dropped["unreadable messages column"] += 1
             continue
+        if raw == []:  # a text completion (/v1/completions): raw text, not a chat to learn from
+            result.dropped["text completion, not a chat"] += 1
+            continue
+        if row["finish_reason"] == "tool_calls" or (isinstance(raw, list) and any(
+                isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in raw)):
+            result.dropped["tool calling exchange (not trained on)"] += 1
+            continue
         problems: list[str] = []
         msgs = _check_messages(
             (raw if isinstance(raw, list) else []) + [{"role": "assistant", "content": answer}], origin, problems

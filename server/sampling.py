@@ -1,0 +1,218 @@
+"""What a request's sampling fields become in llama.cpp: native sampler chains, grammars, logprobs.
+
+Owns:
+
+- :class:`SamplingParams`, the engine's per-request sampling settings;
+- building a sequence's llama.cpp sampler chain from them (:func:`build_chain`): logit bias,
+  grammar, penalties, top-k, top-p, min-p, temperature, then greedy or a seeded draw;
+- grammars: a JSON schema turned into GBNF with the converter llama-cpp-python ships
+  (``llama_cpp.llama_grammar.json_schema_to_gbnf``), OpenAI's ``json_object`` mode as its JSON
+  grammar, and :func:`check_grammar`, which compiles a grammar once against the vocabulary so a
+  bad one is refused before any token is generated;
+- per-token logprobs (:func:`token_logprobs`): a log-softmax of the logits the sampler saw, in
+  numpy (no Python loop over the vocabulary).
+
+A binding module: with ``server/llama_vocab.py`` and ``server/engine.py`` the only server modules
+that import ``llama_cpp``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import llama_cpp.llama_cpp as C
+from llama_cpp import llama_grammar
+
+DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed
+PENALTY_LAST_N = 64
+MAX_TOP_LOGPROBS = 20
+JSON_OBJECT_GRAMMAR = llama_grammar.JSON_GBNF
+"""OpenAI's ``response_format: {"type": "json_object"}``: any JSON object."""
+
+
+class GrammarError(ValueError):
+    """A grammar (or the JSON schema it came from) that llama.cpp cannot compile."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: str | None = None
+    """GBNF text constraining the output (root rule ``root``); None: unconstrained."""
+    logprobs: int | None = None
+    """None: no logprobs; 0..20: the sampled token's logprob and that many top alternatives."""
+    prompt_logprobs: int | None = None
+    """Also the logprob of every prompt token after the first (text completions' ``echo``), with
+    that many top alternatives; such a request never reuses cached KV (its logits are needed)."""
+
+
+UNENFORCED_KEYWORDS = frozenset({
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minProperties",
+    "maxProperties", "uniqueItems", "not", "if", "then", "else", "contains", "minContains",
+    "maxContains", "dependentRequired", "dependentSchemas", "patternProperties", "propertyNames",
+    "unevaluatedProperties", "unevaluatedItems",
+})  # fmt: skip
+"""JSON-schema keywords llama-cpp-python's ``json_schema_to_gbnf`` (0.3.36) ignores: an answer
+could break them, so a schema using one is refused instead of silently not enforced."""
+_SCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_ONE = ("items", "additionalProperties")
+
+
+def unenforced_keywords(schema: Any, path: str = "") -> list[str]:
+    """``keyword at path`` for every keyword of :data:`UNENFORCED_KEYWORDS` in ``schema``."""
+    if not isinstance(schema, dict):
+        return []
+    here = path or "(root)"
+    found = [f"{k!r} at {here}" for k in schema if k in UNENFORCED_KEYWORDS]
+    for key in _SCHEMA_MAPS:
+        for name, sub in (schema.get(key) or {}).items() if isinstance(schema.get(key), dict) else ():
+            found += unenforced_keywords(sub, f"{path}.{key}.{name}".lstrip("."))
+    for key in _SCHEMA_LISTS:
+        for i, sub in enumerate(schema.get(key) or []) if isinstance(schema.get(key), list) else ():
+            found += unenforced_keywords(sub, f"{path}.{key}[{i}]".lstrip("."))
+    for key in _SCHEMA_ONE:
+        found += unenforced_keywords(schema.get(key), f"{path}.{key}".lstrip("."))
+    return found
+
+
+def json_schema_grammar(schema: Any) -> str:
+    """GBNF for a JSON schema (llama-cpp-python's converter); GrammarError naming the problem,
+    including a keyword the converter would silently not enforce."""
+    if not isinstance(schema, dict):
+        raise GrammarError("the JSON schema must be an object")
+    unenforced = unenforced_keywords(schema)
+    if unenforced:
+        raise GrammarError(
+            f"the JSON schema uses {', '.join(unenforced[:5])}, which the grammar converter cannot enforce "
+            "(supported: type, properties, required, additionalProperties, items, prefixItems, minItems, "
+            "maxItems, minLength, maxLength, pattern, format, enum, const, anyOf, oneOf, allOf, $ref); remove it"
+        )
+    try:
+        return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:  # the converter raises ValueError, KeyError, RecursionError, ...
+        raise GrammarError(f"the JSON schema cannot be turned into a grammar: {type(e).__name__}: {e}") from None
+
+
+def _init_grammar(vocab: Any, grammar: str) -> Any:
+    return C.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+
+
+def check_grammar(vocab: Any, grammar: str) -> None:
+    """Compile ``grammar`` against ``vocab`` and free it; GrammarError when llama.cpp refuses it
+    (a syntax error, an undefined rule, no ``root`` rule, left recursion)."""
+    if "\x00" in grammar:
+        raise GrammarError("the grammar contains a NUL character")
+    sampler = _init_grammar(vocab, grammar)
+    if not sampler:
+        raise GrammarError(
+            "llama.cpp could not compile the grammar (GBNF with a 'root' rule is expected; check its "
+            "syntax, that every rule it uses is defined, and that no rule is left-recursive)"
+        )
+    C.llama_sampler_free(sampler)
+
+
+def build_chain(vocab: Any, n_vocab: int, p: SamplingParams) -> Any:
+    """A new llama.cpp sampler chain for one sequence (the caller frees it with
+    ``llama_sampler_free``). Order: logit bias, grammar, penalties, then greedy (temperature 0)
+    or top-k, top-p, min-p, temperature and a seeded draw."""
+    chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+
+    def add(s: Any) -> None:
+        C.llama_sampler_chain_add(chain, s)
+
+    if p.logit_bias:
+        arr = (C.llama_logit_bias * len(p.logit_bias))(*[C.llama_logit_bias(t, b) for t, b in p.logit_bias])
+        add(C.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), arr))
+    if p.grammar is not None:
+        g = _init_grammar(vocab, p.grammar)
+        if not g:  # checked when the request came in; only a changed vocabulary gets here
+            C.llama_sampler_free(chain)
+            raise GrammarError("llama.cpp could not compile the grammar")
+        add(g)
+    if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+        add(C.llama_sampler_init_penalties(PENALTY_LAST_N, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
+    if p.temperature <= 0.0:
+        add(C.llama_sampler_init_greedy())
+        return chain
+    if p.top_k > 0:
+        add(C.llama_sampler_init_top_k(p.top_k))
+    if p.top_p < 1.0:
+        add(C.llama_sampler_init_top_p(p.top_p, 1))
+    if p.min_p > 0.0:
+        add(C.llama_sampler_init_min_p(p.min_p, 1))
+    add(C.llama_sampler_init_temp(p.temperature))
+    add(C.llama_sampler_init_dist(DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF))
+    return chain
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's logprob and its top alternatives, as OpenAI's ``logprobs.content[]``."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+    def to_openai(self) -> dict[str, Any]:
+        def entry(piece: bytes, lp: float) -> dict[str, Any]:
+            return {"token": piece.decode("utf-8", "replace"), "logprob": lp, "bytes": list(piece)}
+
+        out = entry(self.token, self.logprob)
+        out["top_logprobs"] = [entry(t, lp) for t, lp in self.top]
+        return out
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Natural-log probabilities of a row of logits (float64 for the normaliser)."""
+    x = logits.astype(np.float64, copy=False)
+    m = float(x.max())
+    return x - (m + np.log(np.exp(x - m).sum()))
+
+
+def token_logprobs(
+    ctx: Any, idx: int, n_vocab: int, token: int, top_n: int, piece: Callable[[int], bytes]
+) -> TokenLogprob:
+    """The logprob of ``token`` at batch output ``idx`` of ``ctx`` and the ``top_n`` most likely
+    tokens there, from the raw logits llama.cpp computed: before logit bias, grammar, penalties
+    and temperature (OpenAI reports the model's distribution the same way)."""
+    ptr = C.llama_get_logits_ith(ctx, idx)
+    logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
+    lp = log_softmax(logits)
+    top: Sequence[tuple[bytes, float]] = ()
+    if top_n > 0:
+        best = np.argpartition(lp, -top_n)[-top_n:]
+        best = best[np.argsort(-lp[best], kind="stable")]
+        top = tuple((piece(int(t)), float(lp[t])) for t in best)
+    return TokenLogprob(piece(token), float(lp[token]), tuple(top))
+
+
+__all__ = [
+    "DEFAULT_SEED",
+    "JSON_OBJECT_GRAMMAR",
+    "MAX_TOP_LOGPROBS",
+    "GrammarError",
+    "SamplingParams",
+    "TokenLogprob",
+    "build_chain",
+    "check_grammar",
+    "json_schema_grammar",
+    "log_softmax",
+    "token_logprobs",
+]
