@@ -206,6 +206,15 @@ class ChatCompletionRequest(GenerationRequest):
             raise Unsupported("web search is not supported by this server", param="web_search_options")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        called: set[str] = set()
+        for i, m in enumerate(self.messages):
+            if m.role == "assistant" and m.tool_calls:
+                called.update(c.id for c in m.tool_calls)
+            elif m.role == "tool" and m.tool_call_id is not None and m.tool_call_id not in called:
+                raise InvalidRequest(
+                    f"messages[{i}] answers tool call {m.tool_call_id[:64]!r}, which no earlier assistant message made",
+                    param=f"messages[{i}].tool_call_id",
+                )
         return self
 
     def logprobs_count(self) -> int | None:

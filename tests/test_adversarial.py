@@ -114,7 +114,7 @@ BAD_FIELDS: dict[str, list[Any]] = {
     "logit_bias": ["x", [], {"x": 1}, {"5": 101}, {"5": "high"}, {"99999999": 1}, {str(i): 1 for i in range(1025)}],
     "response_format": ["json", {"type": "xml"}, {"type": "json_schema"}, {"type": "json_object", "extra": 1},
                         {"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}}],
-    "grammar": ["", 5, "root ::= ", "root ::= missing", "x" * 100_001],
+    "grammar": ["", 5, 'root ::= "unterminated', "root ::= missing", "x" * 100_001],
 }
 
 NUMERIC = ["max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",

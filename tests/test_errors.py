@@ -121,7 +121,7 @@ def test_openai_client_raises_typed_errors(server: ServerProcess) -> None:
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="base", messages=[{"role": "user", "content": "x"}], n=3)
+        client.chat.completions.create(model="base", messages=[{"role": "user", "content": "x"}], n=17)
 
 
 def test_body_too_large_is_413(fresh_server) -> None:
