@@ -375,7 +375,7 @@ async def tokenize(request: Request) -> dict[str, Any]:
     chat = _ready(_state(request))
     req = await _parse(request, protocol.TokenizeRequest)
     if req.prompt is not None:
-        tokens = chat.engine.tokenize_raw(req.prompt) if req.add_special_tokens else chat.engine.tokenize_special(req.prompt)
+        tokens = chat.engine.tokenize_raw(req.prompt, add_special=req.add_special_tokens)
     else:
         msgs = [{"role": m.role if m.role != "developer" else "system", "content": m.text(i)}
                 for i, m in enumerate(req.messages or [])]  # fmt: skip

@@ -420,14 +420,10 @@ class Engine:
     def tokenize_text(self, text: str) -> list[int]:
         return self._vocab.tokenize(text, add_special=False, parse_special=False)
 
-    def tokenize_raw(self, text: str) -> list[int]:
+    def tokenize_raw(self, text: str, *, add_special: bool = True) -> list[int]:
         """A text completion's prompt, as llama-server tokenizes one: special tokens parsed, BOS
-        added when the vocabulary asks for it."""
-        return self._vocab.tokenize(text, add_special=self._vocab.add_bos, parse_special=True)
-
-    def tokenize_special(self, text: str) -> list[int]:
-        """Like :meth:`tokenize_raw`, without BOS."""
-        return self._vocab.tokenize(text, add_special=False, parse_special=True)
+        added when the vocabulary asks for it (and ``add_special``)."""
+        return self._vocab.tokenize(text, add_special=add_special and self._vocab.add_bos, parse_special=True)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         """Text of ``tokens`` (any thread: its own buffer, not the scheduler's)."""

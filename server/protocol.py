@@ -355,6 +355,11 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
     }
 
 
+def _envelope(id_: str, obj: str, created: int, model: str) -> dict[str, Any]:
+    """The fields every completion body and chunk starts with."""
+    return {"id": id_, "object": obj, "created": created, "model": model}
+
+
 def logprobs_block(entries: list[Any] | None) -> dict[str, Any] | None:
     """``choices[].logprobs``: ``{"content": [...], "refusal": None}`` from TokenLogprob entries."""
     if entries is None:
@@ -375,10 +380,7 @@ def completion(
 ) -> dict[str, Any]:
     """A chat.completion; ``choices``: (message, finish_reason, logprobs entries or None) each."""
     return {
-        "id": id_,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
+        **_envelope(id_, "chat.completion", created, model),
         "choices": [
             {
                 "index": i,
@@ -409,10 +411,7 @@ def chunk(
     index: int = 0,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "id": id_,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
+        **_envelope(id_, "chat.completion.chunk", created, model),
         "choices": [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish_reason,
                                               "logprobs": logprobs_block(logprobs)}],
     }
@@ -449,10 +448,7 @@ def text_completion(
 ) -> dict[str, Any]:
     """A text_completion; ``choices``: (text, finish_reason, legacy logprobs or None) per choice."""
     return {
-        "id": id_,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
+        **_envelope(id_, "text_completion", created, model),
         "choices": [
             {"index": i, "text": text, "finish_reason": finish, "logprobs": lp}
             for i, (text, finish, lp) in enumerate(choices)
@@ -467,10 +463,7 @@ def text_chunk(
 ) -> dict[str, Any]:
     """One SSE chunk of a streamed text completion (``index`` None: the usage-only chunk)."""
     out: dict[str, Any] = {
-        "id": id_,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
+        **_envelope(id_, "text_completion", created, model),
         "choices": [] if index is None else [
             {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}],
     }

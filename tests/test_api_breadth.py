@@ -12,18 +12,13 @@ import numpy as np
 import pydantic
 import pytest
 
-from tests.conftest import ServerProcess, start_shared_server, chat_body
+from tests.conftest import ServerProcess, chat_body
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, model_path, base_info):
-    """This module's own server (same adapters and routes as the shared one). Known issue, not
-    root-caused yet: after tests/test_adversarial.py and this module ran against one shared
-    server, a later greedy request on the base path returned a different text than the same
-    request on a fresh server (tests/test_chat_api.py); see the session-5 notes of issue 11."""
-    proc = start_shared_server(tmp_path_factory.mktemp("api-breadth-server"), model_path, base_info)
-    yield proc
-    proc.stop()
+def server(module_server: ServerProcess) -> ServerProcess:
+    """This module's own server (see ``module_server`` in conftest)."""
+    return module_server
 
 S = {"type": "string", "maxLength": 24}  # bounded strings: a 135M model would otherwise ramble
 
