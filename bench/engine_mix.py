@@ -5,7 +5,9 @@ same rounds, same token counts as bench/bench_serve.py's same_adapter / mixed_ad
 but the clients are coroutines reading GenerationStreams directly. Records every lane step and
 prints a breakdown (steps, switches, sequences per step, median time between steps).
 
-    .venv/bin/python bench/engine_mix.py [--lanes 1,2] [--repeats 3] [--turn-steps 48]
+    .venv/bin/python bench/engine_mix.py [--lanes 1,2] [--flash-attn off,on] [--repeats 3] [--turn-steps 48]
+
+`--flash-attn on` measures what the engine's default (off, for batch-invariant output) costs.
 """
 
 from __future__ import annotations
@@ -67,11 +69,11 @@ async def scenario(eng: E.Engine, tmpl: ChatTemplate, handles: dict[str, E.LoraH
             "step_ms_median": 1000 * statistics.median(gaps) if gaps else float("nan")}
 
 
-def run_engine(a: argparse.Namespace, lanes: int, info: BaseModelInfo, tmpl: ChatTemplate,
+def run_engine(a: argparse.Namespace, lanes: int, flash_attn: bool, info: BaseModelInfo, tmpl: ChatTemplate,
                tmp: Path) -> tuple[float, float]:
     """Median same-adapter and mixed aggregate tok/s for one engine configuration."""
-    eng = E.Engine(E.EngineConfig(DEFAULT_MODEL, n_ctx=1024, parallel=8, turn_steps=a.turn_steps, lanes=lanes),
-                   observer=Trace())
+    eng = E.Engine(E.EngineConfig(DEFAULT_MODEL, n_ctx=1024, parallel=8, turn_steps=a.turn_steps, lanes=lanes,
+                                  flash_attn=flash_attn), observer=Trace())
     eng.start()
 
     async def run() -> tuple[float, float]:
@@ -83,7 +85,7 @@ def run_engine(a: argparse.Namespace, lanes: int, info: BaseModelInfo, tmpl: Cha
             for name, fn in (("same", lambda i: "a"), ("mixed", lambda i: "a" if i % 2 == 0 else "b")):
                 r = await scenario(eng, tmpl, handles, fn, 8, a.rounds, a.tokens)
                 out[name].append(r)
-                print(f"lanes={lanes}", name, {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()},
+                print(f"lanes={lanes} flash_attn={flash_attn}", name, {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()},
                       flush=True)
         return (statistics.median(r["agg_tok_s"] for r in out["same"]),
                 statistics.median(r["agg_tok_s"] for r in out["mixed"]))
@@ -101,16 +103,18 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--lanes", default="1,2", help="comma-separated lane counts to compare")
+    p.add_argument("--flash-attn", default="off", help="comma-separated: off (the engine's default), on")
     a = p.parse_args()
     info = BaseModelInfo.load(DEFAULT_MODEL)
     tmpl = ChatTemplate.from_model(info)
     tmp = Path(tempfile.mkdtemp())
     rows = []
     for lanes in (int(x) for x in a.lanes.split(",")):
-        same, mixed = run_engine(a, lanes, info, tmpl, tmp)
-        rows.append(f"| {lanes} | {same:.1f} tok/s | {mixed:.1f} tok/s | {mixed / same:.1%} |")
-    print("| lanes | same adapter, 8 streams | mixed A/B, 8 streams | mixed / same |")
-    print("|---|---|---|---|")
+        for fa in a.flash_attn.split(","):
+            same, mixed = run_engine(a, lanes, fa == "on", info, tmpl, tmp)
+            rows.append(f"| {lanes} | {fa} | {same:.1f} tok/s | {mixed:.1f} tok/s | {mixed / same:.1%} |")
+    print("| lanes | flash attention | same adapter, 8 streams | mixed A/B, 8 streams | mixed / same |")
+    print("|---|---|---|---|---|")
     print("\n".join(rows))
     return 0
 

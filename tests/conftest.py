@@ -220,17 +220,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_path: Path, base_info
     proc.stop()
 
 
-@pytest.fixture(scope="module")
-def module_server(tmp_path_factory: pytest.TempPathFactory, model_path: Path, base_info: BaseModelInfo) -> Iterator[ServerProcess]:
-    """A module's own server with the shared server's adapters and routes. The API-breadth and
-    lm-eval tests use it. Known issue, not root-caused yet: after tests/test_adversarial.py and
-    tests/test_api_breadth.py ran against one shared server, a later greedy base request
-    (tests/test_chat_api.py) returned a different text than on a fresh server (issue 11 notes)."""
-    proc = start_shared_server(tmp_path_factory.mktemp("module-server"), model_path, base_info)
-    yield proc
-    proc.stop()
-
-
 @pytest.fixture
 def fresh_server(tmp_path: Path, model_path: Path) -> Iterator[Any]:
     """Factory for a server with its own directories and settings; stopped after the test."""

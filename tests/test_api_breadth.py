@@ -15,11 +15,6 @@ import pytest
 from tests.conftest import ServerProcess, chat_body
 
 
-@pytest.fixture(scope="module")
-def server(module_server: ServerProcess) -> ServerProcess:
-    """This module's own server (see ``module_server`` in conftest)."""
-    return module_server
-
 S = {"type": "string", "maxLength": 24}  # bounded strings: a 135M model would otherwise ramble
 
 SCHEMAS: list[dict] = [

@@ -27,7 +27,7 @@ def loras(tmp_path_factory, base_info) -> tuple[Path, Path]:
 
 
 def new_engine(model_path: Path, parallel: int, **kw) -> Engine:
-    eng = Engine(EngineConfig(model_path, n_ctx=512, parallel=parallel, n_threads=2, **kw))
+    eng = Engine(EngineConfig(model_path, parallel=parallel, n_threads=2, **{"n_ctx": 512, **kw}))
     eng.start()
     return eng
 
@@ -251,3 +251,63 @@ def test_two_adapter_sets_run_side_by_side_on_two_lanes(model_path, template, lo
         assert asyncio.run(tokens_of_a_before_b(one)) >= 40
     finally:
         one.close()
+
+
+async def answer_logprobs(eng: Engine, tokens: list[int], max_tokens: int = 24) -> tuple[list[float], TokenEvent]:
+    """The greedy answer's per-token logprobs (exact floats) and the final event."""
+    stream = eng.submit(tokens, SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0), ())
+    out: list[float] = []
+    async for event in stream:
+        out += [lp.logprob for lp in event.logprobs or ()]
+        if event.final:
+            return out, event
+    raise AssertionError("stream ended without a final event")
+
+
+def test_a_prefix_computed_in_a_long_batch_gives_bit_identical_answers(model_path, template) -> None:
+    """The same prompt position must get the same KV however many tokens it was decoded with.
+    llama.cpp's CPU flash attention picks its kernel by the batch: a tiled F32 GEMM for 64+ query
+    rows, an F16 dot-product loop below that. With it on, a system prompt computed inside an
+    86-token prompt and then reused by a 37-token one changed the greedy answer (issue 11: the
+    shared-server divergence after the tool loop). Compared here on logprobs, bit for bit."""
+    eng = new_engine(model_path, 1)  # one slot: a request reuses exactly the previous one's KV
+    try:
+        async def run() -> None:
+            short = eng.tokenize(template.render_segments([{"role": "user", "content": PROMPTS[0]}]))
+            long = eng.tokenize(template.render_segments(
+                [{"role": "user", "content": "Write a long story about a lighthouse keeper, " * 8}]))
+            assert len(long) >= 64 + 30 and len(short) < 64
+            fresh, ev = await answer_logprobs(eng, short)
+            assert ev.cached_tokens == 0
+            await answer_logprobs(eng, long, max_tokens=4)  # shares the system prompt with `short`
+            engine8_clear(eng)
+            await answer_logprobs(eng, long, max_tokens=4)  # the system prompt, computed in a 90+ token batch
+            reused, ev = await answer_logprobs(eng, short)
+            assert ev.cached_tokens >= 20  # the system prompt came from the long prompt's KV
+            assert reused == fresh
+
+        asyncio.run(run())
+    finally:
+        eng.close()
+
+
+def test_long_context_decoding_does_not_depend_on_the_lanes_thread_count(model_path, template) -> None:
+    """Past 512 KV cells llama.cpp's CPU flash attention splits a one-token decode across the
+    threads and sums the parts, so the answer depended on how many threads the lane had (one when
+    two lanes run side by side, two alone). A 600-token prompt, alone and next to another lane."""
+    eng = new_engine(model_path, 2, n_ctx=1024, lanes=2)
+    try:
+        async def run() -> None:
+            story = "The keeper climbed the stairs, lit the lamp and watched the sea. " * 40
+            long = eng.tokenize(template.render_segments([{"role": "user", "content": story + "What did he do?"}]))
+            other = eng.tokenize(template.render_segments([{"role": "user", "content": PROMPTS[1]}]))
+            assert 512 < len(long) < 900
+            alone, _ = await answer_logprobs(eng, long, max_tokens=16)
+            engine8_clear(eng)
+            (beside, _), _ = await asyncio.gather(answer_logprobs(eng, long, max_tokens=16),
+                                                  answer_logprobs(eng, other, max_tokens=40))
+            assert beside == alone
+
+        asyncio.run(run())
+    finally:
+        eng.close()

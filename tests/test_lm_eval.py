@@ -19,12 +19,6 @@ import pytest
 
 from tests.conftest import ROOT, ServerProcess
 
-
-@pytest.fixture(scope="module")
-def server(module_server: ServerProcess) -> ServerProcess:
-    """This module's own server (see ``module_server`` in conftest)."""
-    return module_server
-
 LM_EVAL = ROOT / ".venv" / "tools" / "lm-eval" / "bin" / "lm_eval"
 
 DOCS = [

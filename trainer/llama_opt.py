@@ -192,11 +192,14 @@ def _new_context(model: ctypes.c_void_p, *, n_ctx: int, n_batch: int, threads: i
     cparams.n_threads = threads
     cparams.n_threads_batch = threads
     cparams.no_perf = True
+    # No flash attention, for training (no backward pass for it) and for evaluation alike: the server
+    # runs without it (its CPU kernel depends on the batch size; server/engine.py), so what is scored
+    # here is computed as it is served.
+    cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED
     if f32_cache:
         # OUT_PROD has no F16 backward; llama-finetune forces the same.
         cparams.type_k = GGML_TYPE_F32
         cparams.type_v = GGML_TYPE_F32
-        cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED
     ctx = llc.llama_init_from_model(model, cparams)
     if not ctx:
         raise LlamaError("llama.cpp could not create a context")
