@@ -52,7 +52,7 @@ async def one(eng: Engine, prompt: list[int], params: SamplingParams) -> tuple[f
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    info = BaseModelInfo.from_gguf(DEFAULT_MODEL)
+    info = BaseModelInfo.load(DEFAULT_MODEL)
     tmpl = ChatTemplate.from_model(info)
     eng = Engine(EngineConfig(model_path=DEFAULT_MODEL, n_ctx=1024, parallel=1, n_threads=2))
     await asyncio.to_thread(eng.start)

@@ -25,6 +25,7 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import CacheControlHeader
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.handlers.base import BaseRouteHandler
+from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 from litestar.router import Router
 from litestar.static_files import create_static_files_router
@@ -407,7 +408,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 
 @get("/v1/models/{model_id:str}", opt={"auth": AUTH_API})
-async def retrieve_model(request: Request, model_id: str) -> dict[str, Any]:
+async def retrieve_model(request: Request, model_id: FromPath[str]) -> dict[str, Any]:
     state = _state(request)
     wanted = state.settings.served_model_name if model_id in BASE_ALIASES else model_id
     for card in _model_cards(state):

@@ -50,7 +50,14 @@ import llama_cpp.llama_cpp as C
 from server.chat_template import Segment, tokenize_segments
 from server.llama_vocab import LlamaVocab
 from server.errors import QueueFull, ServiceUnavailable
-from server.sampling import SamplingParams, TokenLogprob, build_chain, token_logprobs
+from server.sampling import (
+    GrammarSampling,
+    SamplingParams,
+    TokenLogprob,
+    build_chain,
+    build_grammar,
+    token_logprobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +240,10 @@ class _Request:
 class _Running:
     """Per-sequence generation state, owned by the scheduler thread."""
 
-    def __init__(self, req: _Request, chain: Any, n_cached: int) -> None:
+    def __init__(self, req: _Request, chain: Any, grammar: Any, n_cached: int) -> None:
         self.req = req
         self.chain = chain
+        self.grammar = grammar  # llama.cpp grammar sampler, or None (sampled by GrammarSampling)
         self.n_fed = n_cached  # prompt tokens already in KV
         self.n_cached = n_cached
         self.next_token: int | None = None  # sampled, not yet decoded
@@ -378,6 +386,7 @@ class Engine:
         if n_lanes > 1:
             self._decoder_pool = ThreadPoolExecutor(n_lanes - 1, thread_name_prefix="engine-lane")
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._grammar_sampling = GrammarSampling(self.n_vocab)
         self._thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
         self._thread.start()
         log.info("engine ready: %s, %d slots x %d tokens in %d lane(s), %d threads", cfg.model_path.name,
@@ -632,8 +641,8 @@ class Engine:
                 self._emit(req.stream, TokenEvent(finish_reason="cancelled", prompt_tokens=len(req.prompt)))
                 continue
             slot, n_keep = self._pick_slot(free, req)
-            chain = self._make_chain(req.params)
-            run = _Running(req, chain, n_keep)
+            chain, grammar = self._make_samplers(req.params)
+            run = _Running(req, chain, grammar, n_keep)
             run.deadline = time.monotonic() + self.config.request_timeout_s
             slot.run = run
             slot.last_used = time.monotonic()
@@ -747,8 +756,13 @@ class Engine:
         slot.kv_tokens = []
         slot.kv_key = ()
 
-    def _make_chain(self, p: SamplingParams) -> Any:
-        return build_chain(self.vocab, self.n_vocab, p)
+    def _make_samplers(self, p: SamplingParams) -> tuple[Any, Any]:
+        chain = build_chain(self.vocab, self.n_vocab, p)
+        try:
+            return chain, build_grammar(self.vocab, p)
+        except Exception:
+            C.llama_sampler_free(chain)
+            raise
 
     def _choose_group(self, lane: _Lane, runnable: list[_Slot]) -> AdapterSet:
         groups = {s.run.req.adapters for s in runnable}
@@ -885,7 +899,10 @@ class Engine:
 
     def _sample(self, slot: _Slot, idx: int) -> None:
         run = slot.run
-        tok = C.llama_sampler_sample(run.chain, slot.lane.ctx, idx)
+        if run.grammar is None:
+            tok = C.llama_sampler_sample(run.chain, slot.lane.ctx, idx)
+        else:
+            tok = self._grammar_sampling.sample(run.chain, run.grammar, slot.lane.ctx, idx)
         if C.llama_vocab_is_eog(self.vocab, tok):
             self._emit_rest(slot)
             self._finish(slot, finish_reason="stop")
@@ -952,6 +969,8 @@ class Engine:
         run.req.ended = True
         slot.last_used = time.monotonic()
         C.llama_sampler_free(run.chain)
+        if run.grammar is not None:
+            C.llama_sampler_free(run.grammar)
         self._emit(
             run.req.stream,
             TokenEvent(

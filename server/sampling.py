@@ -4,7 +4,10 @@ Owns:
 
 - :class:`SamplingParams`, the engine's per-request sampling settings;
 - building a sequence's llama.cpp sampler chain from them (:func:`build_chain`): logit bias,
-  grammar, penalties, top-k, top-p, min-p, temperature, then greedy or a seeded draw;
+  penalties, top-k, top-p, min-p, temperature, then greedy or a seeded draw;
+- sampling under a grammar (:func:`build_grammar`, :class:`GrammarSampling`): the drawn token is
+  checked against the grammar, and the grammar runs over the whole vocabulary only when it rejects
+  that token, as llama-server does;
 - grammars: a JSON schema turned into GBNF with the converter llama-cpp-python ships
   (``llama_cpp.llama_grammar.json_schema_to_gbnf``), OpenAI's ``json_object`` mode as its JSON
   grammar, and :func:`check_grammar`, which compiles a grammar once against the vocabulary so a
@@ -130,8 +133,9 @@ def check_grammar(vocab: Any, grammar: str) -> None:
 
 def build_chain(vocab: Any, n_vocab: int, p: SamplingParams) -> Any:
     """A new llama.cpp sampler chain for one sequence (the caller frees it with
-    ``llama_sampler_free``). Order: logit bias, grammar, penalties, then greedy (temperature 0)
-    or top-k, top-p, min-p, temperature and a seeded draw."""
+    ``llama_sampler_free``). Order: logit bias, penalties, then greedy (temperature 0) or top-k,
+    top-p, min-p, temperature and a seeded draw. A grammar is not in the chain: see
+    :func:`build_grammar` and :class:`GrammarSampling`."""
     chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
 
     def add(s: Any) -> None:
@@ -140,12 +144,6 @@ def build_chain(vocab: Any, n_vocab: int, p: SamplingParams) -> Any:
     if p.logit_bias:
         arr = (C.llama_logit_bias * len(p.logit_bias))(*[C.llama_logit_bias(t, b) for t, b in p.logit_bias])
         add(C.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), arr))
-    if p.grammar is not None:
-        g = _init_grammar(vocab, p.grammar)
-        if not g:  # checked when the request came in; only a changed vocabulary gets here
-            C.llama_sampler_free(chain)
-            raise GrammarError("llama.cpp could not compile the grammar")
-        add(g)
     if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
         add(C.llama_sampler_init_penalties(PENALTY_LAST_N, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
     if p.temperature <= 0.0:
@@ -160,6 +158,69 @@ def build_chain(vocab: Any, n_vocab: int, p: SamplingParams) -> Any:
     add(C.llama_sampler_init_temp(p.temperature))
     add(C.llama_sampler_init_dist(DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF))
     return chain
+
+
+def build_grammar(vocab: Any, p: SamplingParams) -> Any:
+    """llama.cpp's grammar sampler for ``p.grammar`` (the caller frees it), or None."""
+    if p.grammar is None:
+        return None
+    g = _init_grammar(vocab, p.grammar)
+    if not g:  # checked when the request came in; only a changed vocabulary gets here
+        raise GrammarError("llama.cpp could not compile the grammar")
+    return g
+
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+assert _TOKEN_DATA.itemsize == ctypes.sizeof(C.llama_token_data)
+
+
+class GrammarSampling:
+    """Sampling under a grammar the way llama-server's common sampler does it: draw from the chain
+    first and check only the drawn token against the grammar; run the grammar over the whole
+    vocabulary (the expensive part: every candidate's text against the grammar's stacks) only when
+    that token is rejected, then draw again. Greedy picks the same token as grammar-first; a seeded
+    draw from an untruncated distribution has the same distribution too (an allowed token t comes
+    first with p(t), after a rejection with (1 - Z) p(t) / Z: p(t) / Z in all).
+
+    One instance per engine, used on its scheduler thread: it owns a reusable candidates buffer."""
+
+    def __init__(self, n_vocab: int) -> None:
+        self.n_vocab = n_vocab
+        self._data = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._one = (C.llama_token_data * 1)()
+        self.full_passes = 0  # how often the grammar had to run over the whole vocabulary
+
+    def _candidates(self, ctx: Any, idx: int) -> Any:
+        logits = np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
+        self._data["id"] = self._ids
+        self._data["logit"] = logits
+        self._data["p"] = 0.0
+        ptr = self._data.ctypes.data_as(C.llama_token_data_p)
+        return C.llama_token_data_array(ptr, self.n_vocab, -1, False)
+
+    @staticmethod
+    def _selected(arr: Any) -> int:
+        return int(arr.data[arr.selected].id)
+
+    def sample(self, chain: Any, grammar: Any, ctx: Any, idx: int) -> int:
+        """The next token of a sequence whose logits are at batch index ``idx``; accepted by
+        both the chain and the grammar."""
+        arr = self._candidates(ctx, idx)
+        C.llama_sampler_apply(chain, ctypes.byref(arr))
+        tok = self._selected(arr)
+        self._one[0] = C.llama_token_data(tok, 0.0, 0.0)
+        one = C.llama_token_data_array(self._one, 1, -1, False)
+        C.llama_sampler_apply(grammar, ctypes.byref(one))
+        if not np.isfinite(self._one[0].logit):  # rejected: constrain the whole vocabulary, draw again
+            self.full_passes += 1
+            arr = self._candidates(ctx, idx)
+            C.llama_sampler_apply(grammar, ctypes.byref(arr))
+            C.llama_sampler_apply(chain, ctypes.byref(arr))
+            tok = self._selected(arr)
+        C.llama_sampler_accept(grammar, tok)
+        C.llama_sampler_accept(chain, tok)
+        return tok
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,11 +240,11 @@ class TokenLogprob:
         return out
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Natural-log probabilities of a row of logits (float64 for the normaliser)."""
-    x = logits.astype(np.float64, copy=False)
-    m = float(x.max())
-    return x - (m + np.log(np.exp(x - m).sum()))
+def log_normaliser(logits: np.ndarray) -> float:
+    """log(sum(exp(logits))) of a row of logits: the exponentials in float32, their sum in float64.
+    A logprob is then ``logits[t] - log_normaliser(logits)``; no full log-softmax row is built."""
+    m = float(logits.max())
+    return m + float(np.log(np.exp(logits - np.float32(m)).sum(dtype=np.float64)))
 
 
 def token_logprobs(
@@ -194,13 +255,13 @@ def token_logprobs(
     and temperature (OpenAI reports the model's distribution the same way)."""
     ptr = C.llama_get_logits_ith(ctx, idx)
     logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
-    lp = log_softmax(logits)
+    lse = log_normaliser(logits)
     top: Sequence[tuple[bytes, float]] = ()
-    if top_n > 0:
-        best = np.argpartition(lp, -top_n)[-top_n:]
-        best = best[np.argsort(-lp[best], kind="stable")]
-        top = tuple((piece(int(t)), float(lp[t])) for t in best)
-    return TokenLogprob(piece(token), float(lp[token]), tuple(top))
+    if top_n > 0:  # the order of the logits is the order of the logprobs
+        best = np.argpartition(logits, -top_n)[-top_n:]
+        best = best[np.argsort(-logits[best], kind="stable")]
+        top = tuple((piece(int(t)), float(logits[t]) - lse) for t in best)
+    return TokenLogprob(piece(token), float(logits[token]) - lse, tuple(top))
 
 
 __all__ = [
@@ -208,11 +269,13 @@ __all__ = [
     "JSON_OBJECT_GRAMMAR",
     "MAX_TOP_LOGPROBS",
     "GrammarError",
+    "GrammarSampling",
     "SamplingParams",
     "TokenLogprob",
     "build_chain",
+    "build_grammar",
     "check_grammar",
     "json_schema_grammar",
-    "log_softmax",
+    "log_normaliser",
     "token_logprobs",
 ]
