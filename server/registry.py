@@ -43,6 +43,7 @@ __all__ = [
     "VersionNotFound",
     "VersionRef",
     "current_version",
+    "import_lora",
     "list_versions",
     "parse_ref",
     "publish_version",
@@ -288,6 +289,10 @@ def scan(adapters_dir: Path, *, sha_cache: dict | None = None) -> ScanResult:
             result.skipped.append((entry.path, str(e)))
             continue
         folder = Path(entry.path)
+        for f in sorted(os.listdir(folder)):
+            if f.endswith(".gguf") and not f.startswith(".") and not re.fullmatch(r"v[1-9][0-9]{0,8}\.gguf", f):
+                result.skipped.append((str(folder / f), "a LoRA file without a manifest is not served; import it: "
+                                       f"python -m trainer import {entry.name} {folder / f}"))
         problems: list[tuple[Path, str]] = []
         refs = _complete_refs(folder, True, sha_cache, problems)
         result.skipped.extend((str(p), r) for p, r in problems)
@@ -604,6 +609,59 @@ def publish_version(
             log.warning("publish %s@%d: pruning old versions failed: %s", name, version, e)
         _step("done")
     return manifest
+
+
+def import_lora(
+    adapters_dir: Path,
+    name: str,
+    src: Path,
+    base: BaseModelInfo,
+    *,
+    scale: float = 1.0,
+    note: str | None = None,
+    keep: int = 5,
+) -> Manifest:
+    """Publish a LoRA GGUF made elsewhere (PEFT -> llama.cpp's ``convert_lora_to_gguf.py``, or any
+    tool writing that layout) as the next version of ``name``, with a manifest built from the file.
+
+    The file is validated against ``base`` exactly as the trainer's own output is (AdapterInvalid
+    says why: another architecture, tensors that do not fit the base, not a LoRA GGUF, ...). With
+    ``scale`` other than 1 the file is rewritten in F32 with its alpha multiplied by ``scale``, so
+    that a route's ``scale = 1.0`` serves the adapter at that strength.
+    """
+    validate_name(name)
+    src = Path(src)
+    if not src.is_file():
+        raise AdapterInvalid(f"{src}: no such file")
+    if not (np.isfinite(scale) and scale > 0):
+        raise AdapterInvalid(f"scale must be a positive number, not {scale}")
+    info = validate_lora_file(src, base)
+    alpha = info.alpha if info.alpha is not None else float(info.rank)
+    hyper: dict[str, Any] = {"source": "import", "imported_file": src.name, "imported_sha256": sha256_file(src)}
+    if note:
+        hyper["note"] = note
+    targets = sorted({t.split(".")[2] if t.startswith("blk.") else t for t in info.targets})
+    folder = _folder(adapters_dir, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(adapters_dir) / f".import-{name}-{os.getpid()}.gguf.tmp"  # not in the folder: publishing cleans it
+    try:
+        publish_from = src
+        if scale != 1.0:
+            reader = gguf.GGUFReader(src)
+            tensors = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
+            pairs = {n: (tensors[f"{n}.lora_a"], tensors[f"{n}.lora_b"]) for n in info.targets}
+            alpha *= scale
+            write_lora_gguf(tmp, architecture=base.architecture, pairs=pairs, alpha=alpha,
+                            metadata={"training.note": f"imported from {src.name}, scale {scale:g}"})
+            publish_from = tmp
+            hyper["scale"] = scale
+        return publish_version(
+            adapters_dir, name, publish_from, base_model_sha256=base.sha256, base_model_name=base.name,
+            architecture=base.architecture, rank=info.rank, alpha=alpha, hyperparameters=hyper,
+            targets=targets, keep=keep,
+        )
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _undo_publish(folder: Path, version: int) -> None:

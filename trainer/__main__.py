@@ -153,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, overrides=False)
     p.add_argument("--adapters-dir", type=Path)
 
+    p = sub.add_parser("import", help="publish a LoRA GGUF made elsewhere (e.g. convert_lora_to_gguf.py) as NAME")
+    p.add_argument("name")
+    p.add_argument("file", type=Path, help="LoRA GGUF (general.type = adapter, *.lora_a / *.lora_b, F16 or F32)")
+    _common(p, overrides=False)
+    p.add_argument("--adapters-dir", type=Path)
+    p.add_argument("--base-model", type=Path, help="the base GGUF it must fit (default: the config's)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the adapter's alpha (served strength)")
+    p.add_argument("--note", help="kept in the manifest's hyperparameters")
+    p.add_argument("--keep", type=int, default=5, help="versions kept on disk")
+
     p = sub.add_parser("runs", help="list recent trainer runs")
     _common(p, overrides=False)
     p.add_argument("--db", type=Path, dest="runs_db", help="database holding trainer_runs")
@@ -333,6 +343,31 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from server.gguf_info import BaseModelInfo
+    from server.registry import AdapterInvalid, InvalidAdapterName, RegistryError, import_lora
+
+    cfg = load_config(args.config) if args.config else TrainerConfig()
+    adapters_dir = args.adapters_dir or cfg.adapters_dir
+    base_path = args.base_model or cfg.base_model
+    if not Path(base_path).is_file():
+        raise UsageError(f"base model {base_path} not found: pass --base-model PATH")
+    try:
+        manifest = import_lora(adapters_dir, args.name, args.file, BaseModelInfo.load(base_path),
+                               scale=args.scale, note=args.note, keep=args.keep)  # fmt: skip
+    except InvalidAdapterName as exc:
+        raise UsageError(str(exc)) from exc
+    except AdapterInvalid as exc:
+        _err(f"import {args.name}: {args.file} refused: {exc}")
+        return EXIT_FAILURE
+    except (RegistryError, OSError) as exc:
+        _err(f"import {args.name}: {exc} (in {adapters_dir})")
+        return EXIT_FAILURE
+    print(f"{manifest.name}: published version {manifest.version} from {args.file} "
+          f"(rank {manifest.rank}, alpha {manifest.alpha:g}, targets {', '.join(manifest.targets)})")  # fmt: skip
+    return EXIT_OK
+
+
 def _fmt_time(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
@@ -389,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_nightly(args, one_off=True)
         if args.command == "rollback":
             return cmd_rollback(args)
+        if args.command == "import":
+            return cmd_import(args)
         if args.command == "runs":
             return cmd_runs(args)
         raise UsageError(f"unknown command {args.command!r}")
