@@ -366,12 +366,13 @@ class Engine:
             # sequence ids with equal token counts, one model pass each, so slots are handed out to
             # keep each adapter group on neighbouring ids (_pick_slot).
             cparams.kv_unified = False
-            # No flash attention by default: llama.cpp's CPU kernel for it is picked by the batch (a tiled F32
-            # GEMM for 64+ query rows, an F16 dot-product loop below, and past 512 KV cells a
-            # one-token decode split across the threads), so a position's KV and logits would depend
-            # on how many tokens it was decoded with and on the lane's thread count. Reused prefixes
-            # and side-by-side lanes would then change greedy answers (tests/test_engine.py). The
-            # trainer's evaluation runs without it too, so what is scored is what is served.
+            # No flash attention by default: llama.cpp's CPU kernel for it is picked by the batch
+            # (a tiled F32 GEMM for 64+ query rows, an F16 dot-product loop below, and past 512 KV
+            # cells a one-token decode split across the threads), so a position's KV and logits
+            # would depend on how many tokens it was decoded with and on the lane's thread count.
+            # Reused prefixes and side-by-side lanes would then change greedy answers
+            # (tests/test_engine.py). The trainer's evaluation runs without it too, so what is
+            # scored is what is served.
             cparams.flash_attn_type = (C.LLAMA_FLASH_ATTN_TYPE_ENABLED if cfg.flash_attn
                                        else C.LLAMA_FLASH_ATTN_TYPE_DISABLED)
             ctx = C.llama_init_from_model(model, cparams)
