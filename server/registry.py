@@ -63,6 +63,7 @@ FORMAT_VERSION = 1
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 VERSION_FILE_RE = re.compile(r"^v([1-9][0-9]{0,8})\.json$")
+WEIGHTS_FILE_RE = re.compile(r"^v([1-9][0-9]{0,8})\.gguf$")
 CURRENT_FILE = "CURRENT"
 
 log = logging.getLogger(__name__)
@@ -290,7 +291,7 @@ def scan(adapters_dir: Path, *, sha_cache: dict | None = None) -> ScanResult:
             continue
         folder = Path(entry.path)
         for f in sorted(os.listdir(folder)):
-            if f.endswith(".gguf") and not f.startswith(".") and not re.fullmatch(r"v[1-9][0-9]{0,8}\.gguf", f):
+            if f.endswith(".gguf") and not f.startswith(".") and not WEIGHTS_FILE_RE.fullmatch(f):
                 result.skipped.append((str(folder / f), "a LoRA file without a manifest is not served; import it: "
                                        f"python -m trainer import {entry.name} {folder / f}"))
         problems: list[tuple[Path, str]] = []
@@ -517,7 +518,7 @@ def _clean_leftovers(folder: Path) -> list[str]:
     removed = []
     manifests = set(_version_numbers(folder))
     for entry in os.listdir(folder):
-        orphan = re.fullmatch(r"v([1-9][0-9]{0,8})\.gguf", entry)
+        orphan = WEIGHTS_FILE_RE.fullmatch(entry)
         leftover_tmp = entry.startswith(".") and entry.endswith(".tmp")
         if leftover_tmp or (orphan and int(orphan.group(1)) not in manifests):
             try:

@@ -170,6 +170,12 @@ def build_grammar(vocab: Any, p: SamplingParams) -> Any:
     return g
 
 
+def _logits(ctx: Any, idx: int, n_vocab: int) -> np.ndarray:
+    """The raw logits at batch output ``idx`` of ``ctx``: a view, valid until the next decode."""
+    ptr = C.llama_get_logits_ith(ctx, idx)
+    return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
+
+
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 assert _TOKEN_DATA.itemsize == ctypes.sizeof(C.llama_token_data)
 
@@ -192,7 +198,7 @@ class GrammarSampling:
         self.full_passes = 0  # how often the grammar had to run over the whole vocabulary
 
     def _candidates(self, ctx: Any, idx: int) -> Any:
-        logits = np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
+        logits = _logits(ctx, idx, self.n_vocab)
         self._data["id"] = self._ids
         self._data["logit"] = logits
         self._data["p"] = 0.0
@@ -253,8 +259,7 @@ def token_logprobs(
     """The logprob of ``token`` at batch output ``idx`` of ``ctx`` and the ``top_n`` most likely
     tokens there, from the raw logits llama.cpp computed: before logit bias, grammar, penalties
     and temperature (OpenAI reports the model's distribution the same way)."""
-    ptr = C.llama_get_logits_ith(ctx, idx)
-    logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
+    logits = _logits(ctx, idx, n_vocab)
     lse = log_normaliser(logits)
     top: Sequence[tuple[bytes, float]] = ()
     if top_n > 0:  # the order of the logits is the order of the logprobs
