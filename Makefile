@@ -10,16 +10,30 @@ MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 # patches/ holds our fixes to the vendored llama.cpp (training: see patches/README.md).
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS  := -DGGML_LLAMAFILE=OFF -DLLAVA_BUILD=OFF
+# `make setup GPU=cuda`: llama.cpp's CUDA backend too (needs the CUDA toolkit's nvcc; set
+# CUDA_ARCHS, e.g. 86, to build for one GPU generation only, which is much faster). The flags are
+# part of the build id below, so the CUDA wheel gets its own wheelhouse folder.
+GPU ?=
+ifeq ($(GPU),cuda)
+LLAMA_CMAKE_ARGS  += -DGGML_CUDA=on $(if $(CUDA_ARCHS),-DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCHS))
+else ifneq ($(GPU),)
+$(error GPU=$(GPU) is not supported: use GPU=cuda, or leave it unset for the CPU build)
+endif
 LLAMA_PATCHES     := $(sort $(wildcard patches/llama-cpp-python-$(LLAMA_CPP_VERSION)-*.patch))
 LLAMA_BUILD_ID    := $(shell (echo '$(LLAMA_CMAKE_ARGS)'; cat $(LLAMA_PATCHES) scripts/build_llama_wheel.sh) | sha256sum | cut -c1-10)
 WHEELHOUSE ?= $(HOME)/.cache/adapter-chat/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_BUILD_ID)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: setup serve test test-slow test-tools lint bench demo clean
+.PHONY: setup serve test test-slow test-tools lint bench demo clean FORCE
 
 setup: $(VENV)/.installed $(MODEL)
 
-$(VENV)/.installed: pyproject.toml $(WHEELHOUSE)/.built
+# Which wheelhouse the venv holds: rewritten only when it changes, so switching between the CPU
+# and the CUDA build (either way) reinstalls llama-cpp-python, and an unchanged one does nothing.
+$(VENV)/.wheelhouse: FORCE | $(BIN)/python
+	@echo '$(WHEELHOUSE)' | cmp -s - $@ || echo '$(WHEELHOUSE)' > $@
+
+$(VENV)/.installed: pyproject.toml $(WHEELHOUSE)/.built $(VENV)/.wheelhouse
 	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall --no-index --find-links $(WHEELHOUSE) \
 		llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(BIN)/python -m pip install --find-links $(WHEELHOUSE) -e '.[test]'

@@ -17,6 +17,7 @@ decode rate is measured right before, so the figures can be scaled to another ma
 
     python examples/fractional-cto/generate.py --log examples/fractional-cto/data/conversations.sqlite3
     .venv/bin/python bench/bench_nightly.py --paths lora full
+    .venv/bin/python bench/bench_nightly.py --paths lora --train epochs=2    # a variant of the lora path
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ TODAY = {  # the [train]/[gate] of examples/fractional-cto/trainer.toml before t
 }  # fmt: skip
 
 
-def config_for(path: str, root: Path) -> Path:
-    """The example's trainer.toml with absolute paths into ``root``; ``full`` gets today's settings."""
+def config_for(path: str, root: Path, train: dict[str, str] | None = None) -> Path:
+    """The example's trainer.toml with absolute paths into ``root``; ``full`` gets today's settings,
+    ``lora`` the example's ``[train]`` with ``train``'s keys (TOML values) replaced or added."""
     text = (EXAMPLE / "trainer.toml").read_text(encoding="utf-8")
     text = text.replace('base_model = "../../models/', f'base_model = "{REPO}/models/')
     text = text.replace('logs = ["data/', f'logs = ["{EXAMPLE}/data/')
@@ -60,6 +62,11 @@ def config_for(path: str, root: Path) -> Path:
         train = "\n".join(f"{k} = {v}" for k, v in TODAY.items())
         text = f"{head}[adapters.cto-house-style.train]\n{train}\nmax_val_items = 100\n\n[adapters.cto-house-style.extract]{after}"
         text = re.sub(r"^(scorer|min_score|score_prompts|score_max_tokens) = .*$", "", text, flags=re.M)
+    for key, value in (train or {}).items() if path == "lora" else ():
+        section = "[adapters.cto-house-style.train]\n"
+        text, n = re.subn(rf"^{re.escape(key)} = .*$", f"{key} = {value}", text, count=1, flags=re.M)
+        if not n:
+            text = text.replace(section, f"{section}{key} = {value}\n", 1)
     out = root / "trainer.toml"
     out.write_text(text, encoding="utf-8")
     return out
@@ -77,11 +84,11 @@ def raw_decode_rate(tokens: int = 160) -> float:
         return n / (time.perf_counter() - t0)
 
 
-def run_nightly(path: str) -> dict[str, Any]:
+def run_nightly(path: str, train: dict[str, str] | None = None) -> dict[str, Any]:
     root = WORK / path
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    cfg = config_for(path, root)
+    cfg = config_for(path, root, train)
     log = root / "nightly.log"
     t0 = time.perf_counter()
     with open(log, "w", encoding="utf-8") as f:
@@ -126,13 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--paths", nargs="+", default=["lora", "full"], choices=["lora", "full"])
     p.add_argument("--json", type=Path, default=WORK / "bench_nightly.json")
+    p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                   help="replace or add a [train] key of the lora path (TOML value), e.g. epochs=2")
     args = p.parse_args(argv)
+    train = dict(kv.split("=", 1) for kv in args.train)
     if not (EXAMPLE / "data" / "conversations.jsonl").exists():
         sys.exit("generate the data first: python examples/fractional-cto/generate.py --log "
                  "examples/fractional-cto/data/conversations.sqlite3")  # fmt: skip
     WORK.mkdir(parents=True, exist_ok=True)
     raw = raw_decode_rate()
-    results = [run_nightly(path) for path in args.paths]
+    results = [run_nightly(path, train) for path in args.paths]
     args.json.write_text(json.dumps({"raw_decode_tok_s": raw, "results": results}, indent=2), encoding="utf-8")
     print(markdown(results, raw, "python bench/bench_nightly.py " + " ".join(sys.argv[1:])))
     for r in results:

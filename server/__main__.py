@@ -25,6 +25,7 @@ def parse_args(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--db-path", type=Path, help="conversation log SQLite file (CHAT_DB_PATH)")
     p.add_argument("--parallel", type=int, help="sequences decoded together (CHAT_PARALLEL)")
     p.add_argument("--n-ctx", type=int, help="context tokens per sequence (CHAT_N_CTX)")
+    p.add_argument("--n-gpu-layers", type=int, help="model layers offloaded to a GPU (CHAT_N_GPU_LAYERS)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = vars(p.parse_args(argv))
     return {k: v for k, v in args.items() if v is not None}

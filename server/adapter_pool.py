@@ -194,7 +194,8 @@ class AdapterPool:
                 result = str(e)
             else:
                 # the header looks right; now let llama.cpp itself load it, in a child process
-                result = probe_adapter(self.base.path, ref.path) or result
+                gpu_layers = self.engine.config.n_gpu_layers  # the probe loads the base as the engine did
+                result = probe_adapter(self.base.path, ref.path, n_gpu_layers=gpu_layers) or result
         self._validated[cache_key] = result
         return result
 

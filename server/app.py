@@ -29,12 +29,12 @@ from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 from litestar.router import Router
 from litestar.static_files import create_static_files_router
-from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_503_SERVICE_UNAVAILABLE
 from litestar.types import ASGIApp
 from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
 
-from server import protocol
+from server import adapter_upload, protocol
 from server.adapter_pool import AdapterPool
 from server import tools
 from server.chat import BASE_ALIASES, ChatService
@@ -462,6 +462,29 @@ async def reload_adapters(request: Request) -> dict[str, Any]:
     return summary
 
 
+@post("/v1/adapters/{name:str}/versions", opt={"auth": AUTH_ADMIN}, status_code=HTTP_201_CREATED,
+      request_max_body_size=None)  # the upload's own limit (CHAT_MAX_ADAPTER_UPLOAD_BYTES) applies as it streams
+async def upload_adapter_version(request: Request, name: FromPath[str]) -> dict[str, Any]:
+    """Publish the LoRA GGUF in the body as the next version of ``name`` (admin): the HTTP twin of
+    ``python -m trainer import``. Query: ``sha256`` (checked), ``scale``, ``note``."""
+    state = _state(request)
+    chat = _ready(state)
+    s = state.settings
+    assert state.base is not None
+    req = adapter_upload.UploadRequest.parse(name, dict(request.query_params))
+    folder = adapter_upload.writable_folder(s.adapters_dir)
+    path, sha = await adapter_upload.receive(request.stream(), folder, limit=s.max_adapter_upload_bytes,
+                                             announced=request.content_length)  # fmt: skip
+    manifest = await asyncio.to_thread(adapter_upload.publish, s.adapters_dir, path, sha, req, state.base,
+                                       n_gpu_layers=s.n_gpu_layers)  # fmt: skip
+    await chat.pool.reload()
+    key = f"{req.name}@{manifest.version}"
+    served = manifest.version in chat.pool.available.get(req.name, {})
+    log.info("adapter uploaded and published: %s (sha256 %s..., served: %s)", key, sha[:12], served)
+    return {"object": "adapter.version", "id": key, "name": req.name, "version": manifest.version, "sha256": sha,
+            "served": served, "refused": chat.pool.refused.get(key), "manifest": manifest.model_dump()}  # fmt: skip
+
+
 @post("/v1/feedback", opt={"auth": AUTH_API}, status_code=HTTP_200_OK)
 async def feedback(request: Request) -> dict[str, Any]:
     state = _state(request)
@@ -546,7 +569,7 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-HANDLERS = [chat_completions, text_completions, tokenize, detokenize, tokenizer_info, list_models, retrieve_model, list_adapters, reload_adapters, feedback, list_runs, health, ready, metrics]
+HANDLERS = [chat_completions, text_completions, tokenize, detokenize, tokenizer_info, list_models, retrieve_model, list_adapters, reload_adapters, upload_adapter_version, feedback, list_runs, health, ready, metrics]
 
 
 def playground_router() -> Router:
@@ -617,12 +640,12 @@ def create_app(settings: Settings) -> Litestar:
 def _open(state: AppState) -> None:
     s = state.settings
     if not s.model.is_file():
-        raise RuntimeError(f"model file {s.model} not found: run `make model` or set CHAT_MODEL")
+        raise RuntimeError(f"model file {s.model} not found: run `make setup` or set CHAT_MODEL")
     state.base = BaseModelInfo.load(s.model)
     engine = Engine(
         EngineConfig(
             model_path=s.model, n_ctx=s.n_ctx, parallel=s.parallel, n_threads=s.n_threads, n_batch=s.n_batch, lanes=s.lanes,
-            queue_max=s.queue_max, request_timeout_s=s.request_timeout_s,
+            queue_max=s.queue_max, request_timeout_s=s.request_timeout_s, n_gpu_layers=s.n_gpu_layers,
         ),
         observer=state.metrics,
     )  # fmt: skip

@@ -34,6 +34,7 @@ import itertools
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -90,6 +91,7 @@ class EngineConfig:
     request_timeout_s: float = 300.0
     lanes: int = 0  # llama.cpp contexts decoded side by side; 0 = min(2, n_threads, parallel)
     flash_attn: bool = False  # on: greedy output depends on batching and reuse (README, Determinism)
+    n_gpu_layers: int = 0  # layers offloaded to a GPU (llama_model_params.n_gpu_layers); 0 = CPU only
 
 
 @dataclass(frozen=True)
@@ -338,8 +340,7 @@ class Engine:
         cfg = self.config
         llama_logger.set_verbose(False)
         C.llama_backend_init()
-        mparams = C.llama_model_default_params()
-        mparams.n_gpu_layers = 0
+        mparams = model_params(cfg.n_gpu_layers)
         model = C.llama_model_load_from_file(str(cfg.model_path).encode(), mparams)
         if not model:
             raise RuntimeError(f"llama.cpp could not load the model {cfg.model_path}")
@@ -998,14 +999,29 @@ class Engine:
 # takes down the probe, never the server. `python -m server.engine probe MODEL ADAPTER`.
 
 
-def probe_adapter(model_path: Path, adapter_path: Path, *, timeout_s: float = 120.0) -> str | None:
-    """None when llama.cpp loads the adapter in a child process; otherwise why not."""
+def model_params(n_gpu_layers: int) -> Any:
+    """llama.cpp's model params for every load (engine and probe): ``n_gpu_layers`` layers offloaded
+    to a GPU. A CPU-only build of llama.cpp ignores the offload; then say so and run on the CPU."""
+    params = C.llama_model_default_params()
+    params.n_gpu_layers = n_gpu_layers
+    if n_gpu_layers and not C.llama_supports_gpu_offload():
+        log.warning(
+            "n_gpu_layers=%d asked for, but this llama-cpp-python build has no GPU backend: running on "
+            "the CPU (build the CUDA wheel with `make setup GPU=cuda`)", params.n_gpu_layers,
+        )  # fmt: skip
+    return params
+
+
+def probe_adapter(
+    model_path: Path, adapter_path: Path, *, n_gpu_layers: int = 0, timeout_s: float = 120.0
+) -> str | None:
+    """None when llama.cpp loads the adapter in a child process (the base loaded as the engine
+    loads it, ``n_gpu_layers`` on the GPU); otherwise why not."""
     import subprocess
-    import sys
 
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "server.engine", "probe", str(model_path), str(adapter_path)],
+            [sys.executable, "-m", "server.engine", "probe", str(model_path), str(adapter_path), str(n_gpu_layers)],
             capture_output=True, timeout=timeout_s, text=True,
         )
     except subprocess.TimeoutExpired:
@@ -1018,11 +1034,11 @@ def probe_adapter(model_path: Path, adapter_path: Path, *, timeout_s: float = 12
     return f"llama.cpp refused the adapter: {detail[0][:200]}"
 
 
-def _probe_main(model_path: str, adapter_path: str) -> int:
+def _probe_main(model_path: str, adapter_path: str, n_gpu_layers: int = 0) -> int:
     llama_logger.set_verbose(False)
     C.llama_backend_init()
-    params = C.llama_model_default_params()
-    params.n_gpu_layers = 0
+    params = model_params(n_gpu_layers)
+    print(f"n_gpu_layers {params.n_gpu_layers}", file=sys.stderr)
     model = C.llama_model_load_from_file(model_path.encode(), params)
     if not model:
         print("base model failed to load")
@@ -1037,8 +1053,7 @@ def _probe_main(model_path: str, adapter_path: str) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) == 4 and sys.argv[1] == "probe":
-        sys.exit(_probe_main(sys.argv[2], sys.argv[3]))
-    sys.exit("usage: python -m server.engine probe MODEL ADAPTER")
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "probe":
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+        sys.exit(_probe_main(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) == 5 else 0))
+    sys.exit("usage: python -m server.engine probe MODEL ADAPTER [N_GPU_LAYERS]")

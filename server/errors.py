@@ -7,6 +7,7 @@
     ├── AuthenticationFailed      401     authentication_error
     ├── PermissionDenied          403     permission_error        (admin endpoints)
     ├── NotFound                  404     not_found_error         (model, route, adapter, response id)
+    ├── Conflict                  409     conflict_error          (the server cannot change that state)
     ├── PayloadTooLarge           413     invalid_request_error
     ├── QueueFull                 429     rate_limit_error        (Retry-After)
     ├── ServiceUnavailable        503     service_unavailable     (not ready, draining)
@@ -80,6 +81,11 @@ class NotFound(APIError):
     status = 404
     type = "not_found_error"
     code = "model_not_found"
+
+
+class Conflict(APIError):
+    status = 409
+    type = "conflict_error"
 
 
 class PayloadTooLarge(APIError):

@@ -12,7 +12,7 @@ import numpy as np
 import pydantic
 import pytest
 
-from tests.conftest import ServerProcess, chat_body
+from tests.conftest import ROOT, ServerProcess, chat_body
 
 
 S = {"type": "string", "maxLength": 24}  # bounded strings: a 135M model would otherwise ramble
@@ -112,6 +112,32 @@ def test_json_mode_and_a_gbnf_grammar_constrain_the_answer(server: ServerProcess
     )  # fmt: skip
     assert r.choices[0].message.content in ("yes.", "no.")
     assert r.choices[0].finish_reason == "stop"
+
+
+def test_the_examples_house_style_grammar_guarantees_the_format_on_the_base(server: ServerProcess) -> None:
+    """The third way to a format (issue 11): the fractional-CTO example's GBNF grammar on the bare
+    base, prompted with the example's system prompt. Every answer is in the house structure; the
+    grammar cannot make the content good (compare.py reports the share with distinct reasons)."""
+    import sys
+
+    example = ROOT / "examples" / "fractional-cto"
+    sys.path.insert(0, str(example))
+    try:
+        from style_check import is_house_style
+    finally:
+        sys.path.remove(str(example))
+    grammar = (example / "house-style.gbnf").read_text(encoding="utf-8")
+    from server.chat_template import render_system_prompt
+
+    system = render_system_prompt((example / "cto-house-style.j2").read_text(encoding="utf-8"), {})
+    client = server.client()
+    for question in ("Should we rewrite our PHP app in Go?", "Is it time to hire a CTO?"):
+        r = client.chat.completions.create(
+            model="base", messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            max_tokens=200, temperature=0, extra_body={"grammar": grammar},
+        )  # fmt: skip
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        assert is_house_style(r.choices[0].message.content), r.choices[0].message.content
 
 
 class Ship(pydantic.BaseModel):

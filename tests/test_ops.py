@@ -149,10 +149,13 @@ def _bind_mounts(service: dict[str, Any]) -> list[tuple[str, str, bool]]:
 
 
 def dockerfile_env() -> dict[str, str]:
+    """The server's CHAT_* environment in the image (the ENV block that sets them; the build
+    stages have ENV blocks of their own)."""
     text = (ROOT / "Dockerfile").read_text()
-    block = re.search(r"^ENV (.*?)(?:\n(?!\s))", text, re.DOTALL | re.MULTILINE)
-    assert block
-    return dict(re.findall(r"(\w+)=(\S+)", block.group(1)))
+    blocks = [b.group(1) for b in re.finditer(r"^ENV (.*?)(?:\n(?!\s))", text, re.DOTALL | re.MULTILINE)]
+    chat = [b for b in blocks if "CHAT_" in b]
+    assert len(chat) == 1, "one ENV block sets the server's CHAT_* variables"
+    return dict(re.findall(r"(\w+)=(\S+)", chat[0]))
 
 
 def test_compose_stack_wiring(compose: dict[str, Any]) -> None:

@@ -86,6 +86,7 @@ def _common(p: argparse.ArgumentParser, *, overrides: bool = True) -> None:
     g.add_argument("--adapters-dir", type=Path)
     g.add_argument("--cache-dir", type=Path)
     g.add_argument("--threads", type=int)
+    g.add_argument("--n-gpu-layers", type=int, help="model layers offloaded to a GPU (needs a GPU build)")
     g.add_argument("--snapshot", action="store_true", default=None,
                    help="read logs from a VACUUM INTO snapshot instead of a read-only connection")  # fmt: skip
 
@@ -245,6 +246,7 @@ def resolve_config(args: argparse.Namespace, *, need_one: bool = False) -> tuple
         adapters_dir=args.adapters_dir,
         cache_dir=args.cache_dir,
         threads=args.threads,
+        n_gpu_layers=args.n_gpu_layers,
         snapshot=args.snapshot,
     )
     return cfg, selected

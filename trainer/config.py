@@ -186,6 +186,8 @@ class TrainerConfig:
     lock_file: Path | None = None
     """None: `<cache_dir>/nightly.lock`."""
     threads: int = 2
+    n_gpu_layers: int = 0
+    """Model layers offloaded to a GPU in training and evaluation (needs a GPU build)."""
     snapshot: bool = False
     """Read logs from a `VACUUM INTO` snapshot instead of a read-only connection."""
     adapters: tuple[AdapterConfig, ...] = ()
@@ -389,6 +391,8 @@ def validate(cfg: TrainerConfig) -> list[str]:
     where = str(cfg.source_file) if cfg.source_file else "<config>"
     if cfg.threads < 1:
         problems.append(f"{where}: threads must be >= 1, got {cfg.threads}")
+    if cfg.n_gpu_layers < 0:
+        problems.append(f"{where}: n_gpu_layers must be >= 0, got {cfg.n_gpu_layers}")
     names = [a.name for a in cfg.adapters]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"{where}: adapter {dup!r} configured twice")
@@ -475,7 +479,7 @@ def with_overrides(cfg: TrainerConfig, **overrides: Any) -> TrainerConfig:
     """Apply CLI values (None means "not given") on top of a loaded config.
 
     Top-level keys (`base_model`, `logs`, `adapters_dir`, `cache_dir`, `runs_db`, `threads`,
-    `snapshot`) replace the file's; `adapter_overrides` maps section name ("train", "extract",
+    `n_gpu_layers`, `snapshot`) replace the file's; `adapter_overrides` maps section name ("train", "extract",
     "gate", "source") to field values applied to every adapter.
     """
     adapter_overrides: Mapping[str, Mapping[str, Any]] = overrides.pop("adapter_overrides", None) or {}

@@ -121,6 +121,7 @@ def evaluate(
     threads: int = 2,
     max_tokens: int = 64,
     adapter_scale: float = 1.0,
+    n_gpu_layers: int = 0,
 ) -> EvalReport:
     """Score ``val_texts`` (dataset items, or plain texts where every token counts) with the
     base, the adapter on the base, and (if given) the trained FP32 model; generate greedily for
@@ -134,7 +135,8 @@ def evaluate(
     samples: list[Sample] = []
     template = ChatTemplate.from_model(BaseModelInfo.load(base_model, sha256="-"))
     examples = list(val_texts)
-    with InferenceSession(base_model, n_ctx=n_ctx, threads=threads) as base_s:
+    kw = {"n_ctx": n_ctx, "threads": threads, "n_gpu_layers": n_gpu_layers}
+    with InferenceSession(base_model, **kw) as base_s:
         token_lists = [
             c for c in (tokenize_example(base_s.vocab, template, ex) for ex in examples)
             if len(c.ids) >= 2 and any(c.mask[1:])
@@ -144,15 +146,13 @@ def evaluate(
         base_score = _score(base_s, token_lists)
         rendered = _render_prompts(template, base_s.vocab, prompts)
         base_replies = [base_s.generate(p, max_tokens=max_tokens) for _, p in rendered]
-    with InferenceSession(
-        base_model, n_ctx=n_ctx, threads=threads, adapter=adapter, adapter_scale=adapter_scale
-    ) as ad_s:
+    with InferenceSession(base_model, adapter=adapter, adapter_scale=adapter_scale, **kw) as ad_s:
         adapter_score = _score(ad_s, token_lists)
         ad_replies = [ad_s.generate(p, max_tokens=max_tokens) for _, p in rendered]
     samples = [Sample(prompt=shown, base=b, adapter=a) for (shown, _), b, a in zip(rendered, base_replies, ad_replies)]
     trained_score = None
     if trained is not None:
-        with InferenceSession(Path(trained), n_ctx=n_ctx, threads=threads) as tr_s:
+        with InferenceSession(Path(trained), **kw) as tr_s:
             trained_score = _score(tr_s, token_lists)
     return EvalReport(
         base=base_score,

@@ -73,6 +73,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
     threads: int = 2
+    n_gpu_layers: int = 0
     seed: int = 0
     schedule: str = "constant"
     lr_min: float = 0.0
@@ -468,6 +469,7 @@ def train(
         model_path,
         n_ctx=cfg.n_ctx,
         threads=cfg.threads,
+        n_gpu_layers=cfg.n_gpu_layers,
         optimizer=cfg.optimizer,
         targets=cfg.targets,
         lr=cfg.lr,

@@ -37,6 +37,7 @@ Facts about llama-cpp-python 0.3.36 (and the llama.cpp it vendors) that this mod
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -45,6 +46,8 @@ import numpy as np
 
 import llama_cpp.llama_cpp as llc
 from server.llama_vocab import LlamaVocab
+
+log = logging.getLogger(__name__)
 
 GGML_TYPE_F32 = 0
 GGML_TYPE_I32 = 26
@@ -170,11 +173,24 @@ _opt_epoch = ctypes.CFUNCTYPE(
 )(("llama_opt_epoch", llc._lib))
 
 
-def _load_model(path: Path, *, writable: bool) -> ctypes.c_void_p:
+def model_params(n_gpu_layers: int, *, writable: bool = False) -> llc.llama_model_params:
+    """llama.cpp's model params for the trainer's loads: ``n_gpu_layers`` layers on a GPU (a
+    CPU-only build ignores them: warn, run on the CPU); ``writable`` loads the weights into
+    memory the optimizer may change, not a read-only mmap."""
     mparams = llc.llama_model_default_params()
-    mparams.n_gpu_layers = 0
+    mparams.n_gpu_layers = n_gpu_layers
+    if n_gpu_layers and not llc.llama_supports_gpu_offload():
+        log.warning(
+            "n_gpu_layers=%d asked for, but this llama-cpp-python build has no GPU backend: running on "
+            "the CPU (build the CUDA wheel with `make setup GPU=cuda`)", mparams.n_gpu_layers,
+        )  # fmt: skip
     if writable:
         mparams.load_mode = LLAMA_LOAD_MODE_NONE
+    return mparams
+
+
+def _load_model(path: Path, *, writable: bool, n_gpu_layers: int = 0) -> ctypes.c_void_p:
+    mparams = model_params(n_gpu_layers, writable=writable)
     model = llc.llama_model_load_from_file(str(path).encode(), mparams)
     if not model:
         raise LlamaError(f"llama.cpp could not load model {path}")
@@ -265,11 +281,12 @@ class _ModelHandle:
 
     def __init__(
         self, path: Path, *, n_ctx: int, n_batch: int, threads: int, writable: bool, verbose: bool,
-        training: bool | None = None,
+        training: bool | None = None, n_gpu_layers: int = 0,
     ) -> None:
         _backend(verbose)
         self.path = Path(path)
-        self.model = _load_model(self.path, writable=writable)
+        self.n_gpu_layers = n_gpu_layers
+        self.model = _load_model(self.path, writable=writable, n_gpu_layers=n_gpu_layers)
         self.vocab = llc.llama_model_get_vocab(self.model)
         self.n_vocab = int(llc.llama_vocab_n_tokens(self.vocab))
         self.text = LlamaVocab(self.vocab)
@@ -339,6 +356,7 @@ class TrainSession:
         weight_decay: float = 0.0,
         lora: Path | None = None,
         verbose: bool = False,
+        n_gpu_layers: int = 0,
     ) -> None:
         if n_ctx <= 0 or n_ctx % 256:
             raise ValueError(f"n_ctx must be a positive multiple of 256 (llama.cpp pads contexts to 256), got {n_ctx}")
@@ -353,7 +371,7 @@ class TrainSession:
         self._adapter = None
         self._h = _ModelHandle(
             model_path, n_ctx=n_ctx, n_batch=n_ctx, threads=threads, writable=lora is None, verbose=verbose,
-            training=True,
+            training=True, n_gpu_layers=n_gpu_layers,
         )
         if self._h.n_ctx != n_ctx:
             self.close()
@@ -561,8 +579,10 @@ class InferenceSession:
         adapter: Path | None = None,
         adapter_scale: float = 1.0,
         verbose: bool = False,
+        n_gpu_layers: int = 0,
     ) -> None:
-        self._h = _ModelHandle(model_path, n_ctx=n_ctx, n_batch=n_ctx, threads=threads, writable=False, verbose=verbose)
+        self._h = _ModelHandle(model_path, n_ctx=n_ctx, n_batch=n_ctx, threads=threads, writable=False, verbose=verbose,
+                               n_gpu_layers=n_gpu_layers)  # fmt: skip
         self.n_ctx = self._h.n_ctx
         self.adapter_path = adapter
         self._adapter = None

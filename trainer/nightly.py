@@ -363,6 +363,7 @@ def _run_stages(
         weight_decay=t.weight_decay,
         targets=tuple(t.targets),
         threads=cfg.threads,
+        n_gpu_layers=cfg.n_gpu_layers,
         seed=t.seed,
         schedule=t.schedule,
         lr_min=t.lr_min,
@@ -454,6 +455,7 @@ def _run_stages(
         prompts=prompts,
         n_ctx=t.n_ctx,
         threads=cfg.threads,
+        n_gpu_layers=cfg.n_gpu_layers,
         max_tokens=gate_cfg.max_tokens,
     )
     metrics["eval"] = eval_report.to_dict()
@@ -467,7 +469,8 @@ def _run_stages(
         else:
             held_out = [list(i.messages[:-1]) for i in data.val if i.messages][: gate_cfg.score_prompts]
         task = score_task(cfg.base_model, lora_path, held_out, scorer=gate_cfg.scorer, template=template,
-                          max_tokens=gate_cfg.score_max_tokens, threads=cfg.threads)  # fmt: skip
+                          max_tokens=gate_cfg.score_max_tokens, threads=cfg.threads,
+                          n_gpu_layers=cfg.n_gpu_layers)  # fmt: skip
         metrics["eval"]["task"] = task.to_dict()
         say(f"[{adapter.name}] task score ({gate_cfg.scorer.rsplit('/', 1)[-1]}): adapter {task.adapter:.0%}, "
             f"base {task.base:.0%} on {task.prompts} held-out prompts")  # fmt: skip

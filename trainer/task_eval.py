@@ -27,6 +27,16 @@ from trainer.llama_opt import VocabOnly
 Scorer = Callable[[str], Any]
 
 
+@dataclass(frozen=True)
+class AnswerJob:
+    """Chat prompts to answer greedily on one path: with an adapter (scale 1) or the bare base,
+    optionally constrained by a GBNF grammar (root rule ``root``), as a request's ``grammar`` is."""
+
+    prompts: Sequence[list[dict[str, str]]]
+    adapter: Path | None = None
+    grammar: str | None = None
+
+
 def load_scorer(spec: str) -> Scorer:
     """``path/to/file.py:function`` or ``package.module:function`` -> the function."""
     target, _, name = spec.rpartition(":")
@@ -101,24 +111,25 @@ MAX_PARALLEL = 16
 
 
 async def _answer_all(
-    model: Path, jobs: Sequence[tuple[Path | None, Sequence[list[int]]]], *, max_tokens: int, n_ctx: int, threads: int
+    model: Path, jobs: Sequence[tuple[AnswerJob, Sequence[list[int]]]], *, max_tokens: int, n_ctx: int, threads: int,
+    n_gpu_layers: int,
 ) -> list[list[str]]:
     from server.engine import Engine, EngineConfig, SamplingParams
 
     total = sum(len(p) for _, p in jobs)
     parallel = max(1, min(MAX_PARALLEL, total))
     engine = Engine(EngineConfig(model_path=model, n_ctx=n_ctx, parallel=parallel, n_threads=threads,
-                                 queue_max=total + 1))  # fmt: skip
+                                 queue_max=total + 1, n_gpu_layers=n_gpu_layers))  # fmt: skip
     await asyncio.to_thread(engine.start)
     try:
         loaded: dict[Path, Any] = {}
-        for adapter, _ in jobs:
-            if adapter is not None and adapter not in loaded:
-                loaded[adapter] = await engine.load_adapter(adapter)
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        for job, _ in jobs:
+            if job.adapter is not None and job.adapter not in loaded:
+                loaded[job.adapter] = await engine.load_adapter(job.adapter)
 
-        async def one(adapter: Path | None, tokens: list[int]) -> str:
-            handles = ((loaded[adapter], 1.0),) if adapter is not None else ()
+        async def one(job: AnswerJob, tokens: list[int]) -> str:
+            handles = ((loaded[job.adapter], 1.0),) if job.adapter is not None else ()
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, grammar=job.grammar)
             text = []
             async for ev in engine.submit(tokens, params, adapters=handles):
                 text.append(ev.text)
@@ -126,7 +137,7 @@ async def _answer_all(
                     raise RuntimeError(f"engine error while scoring: {ev.error}")
             return "".join(text)
 
-        flat = await asyncio.gather(*(one(a, p) for a, prompts in jobs for p in prompts))
+        flat = await asyncio.gather(*(one(job, p) for job, prompts in jobs for p in prompts))
         out, i = [], 0
         for _, prompts in jobs:
             out.append(list(flat[i : i + len(prompts)]))
@@ -138,20 +149,22 @@ async def _answer_all(
 
 def answer_many(
     base_model: Path,
-    jobs: Sequence[tuple[Path | None, Sequence[list[dict[str, str]]]]],
+    jobs: Sequence[AnswerJob],
     *,
     template: ChatTemplate,
     max_tokens: int = 200,
     threads: int = 2,
+    n_gpu_layers: int = 0,
 ) -> list[list[str]]:
-    """Greedy answers for several (adapter or None, chat prompts) jobs in one engine run: all
-    prompts are submitted at once and batched together, as the server batches requests on
-    different adapters. Tokenized as the server tokenizes a request; adapters at scale 1."""
+    """Greedy answers for several jobs (paths) in one engine run: all prompts are submitted at
+    once and batched together, as the server batches requests on different adapters and
+    grammars. Tokenized as the server tokenizes a request; adapters at scale 1."""
     with VocabOnly(base_model) as vocab:
-        token_jobs = [(a, [tokenize_segments(vocab, template.render_segments(list(p), add_generation_prompt=True))
-                           for p in prompts]) for a, prompts in jobs]  # fmt: skip
+        token_jobs = [(job, [tokenize_segments(vocab, template.render_segments(list(p), add_generation_prompt=True))
+                             for p in job.prompts]) for job in jobs]  # fmt: skip
     n_ctx = max(len(t) for _, ts in token_jobs for t in ts) + max_tokens + 8
-    return asyncio.run(_answer_all(base_model, token_jobs, max_tokens=max_tokens, n_ctx=n_ctx, threads=threads))
+    return asyncio.run(_answer_all(base_model, token_jobs, max_tokens=max_tokens, n_ctx=n_ctx, threads=threads,
+                                   n_gpu_layers=n_gpu_layers))  # fmt: skip
 
 
 def answer_prompts(
@@ -165,7 +178,8 @@ def answer_prompts(
 ) -> list[str]:
     """Greedy answers to chat ``prompts`` through the server's engine, with the adapter at scale
     1 (or the bare base)."""
-    return answer_many(base_model, [(adapter, prompts)], template=template, max_tokens=max_tokens, threads=threads)[0]
+    return answer_many(base_model, [AnswerJob(prompts, adapter)], template=template, max_tokens=max_tokens,
+                       threads=threads)[0]
 
 
 def score_task(
@@ -177,14 +191,15 @@ def score_task(
     template: ChatTemplate,
     max_tokens: int = 200,
     threads: int = 2,
+    n_gpu_layers: int = 0,
     n_examples: int = 3,
 ) -> TaskScore:
     """Answer ``prompts`` greedily with the adapter and with the bare base, through the server's
     engine, and score every answer with ``scorer``."""
     fn = load_scorer(scorer)
     t0 = time.perf_counter()
-    kw = {"template": template, "max_tokens": max_tokens, "threads": threads}
-    answers_ad, answers_base = answer_many(base_model, [(adapter, prompts), (None, prompts)], **kw)
+    kw = {"template": template, "max_tokens": max_tokens, "threads": threads, "n_gpu_layers": n_gpu_layers}
+    answers_ad, answers_base = answer_many(base_model, [AnswerJob(prompts, adapter), AnswerJob(prompts)], **kw)
     ad = [_as_score(fn(a)) for a in answers_ad]
     base = [_as_score(fn(a)) for a in answers_base]
     examples = [
@@ -202,4 +217,4 @@ def score_task(
     )
 
 
-__all__ = ["TaskScore", "answer_many", "answer_prompts", "load_scorer", "read_prompts", "score_task"]
+__all__ = ["AnswerJob", "TaskScore", "answer_many", "answer_prompts", "load_scorer", "read_prompts", "score_task"]

@@ -1,12 +1,18 @@
-"""Compare the prompt path and the finetuned path on held-out questions, scored by the house-style check.
+"""Compare the prompt path, the finetuned path and a grammar on held-out questions, scored by the house-style check.
 
     python examples/fractional-cto/compare.py --server http://127.0.0.1:8000     # through the server's routes
     python examples/fractional-cto/compare.py --offline --adapter adapters/cto-house-style/v1.gguf
 
-`--server` asks the running server on routes `cto-prompt`, `cto-finetuned` and `base` (official
-openai client, greedy). `--offline` does the same in process through the server's own engine
-(greedy): the prompt path sends the route's system prompt before the question, the finetuned path
-the question alone with the adapter attached, the base the question alone. The questions come from
+Four paths, greedy:
+- `cto-prompt`: the route's system prompt, then the question;
+- `cto-finetuned`: the question alone, with the adapter attached;
+- `cto-grammar`: the prompt path constrained by `house-style.gbnf` (llama-server's `grammar`
+  field): the format guaranteed by llama.cpp's grammar sampler, the content the base's own;
+- `base`: the question alone.
+
+`--server` asks the running server on routes `cto-prompt` (twice: without and with the grammar),
+`cto-finetuned` and `base` (official openai client). `--offline` does the same in process through
+the server's own engine, the four paths batched in one run as the server batches them. The questions come from
 the generator with a seed the training data did not use, or from `--questions-file`
 (`heldout_questions.txt`: 30 questions written by hand, in no training file).
 
@@ -45,31 +51,36 @@ def questions(n: int, seed: int) -> list[str]:
     return [conversation(rng)[1][0]["content"] for _ in range(n)]
 
 
-def ask_server(url: str, route: str, question: str, max_tokens: int) -> str:
+GRAMMAR = (HERE / "house-style.gbnf").read_text(encoding="utf-8")
+
+
+def ask_server(url: str, route: str, question: str, max_tokens: int, grammar: str | None = None) -> str:
     import openai
 
     client = openai.OpenAI(base_url=f"{url.rstrip('/')}/v1", api_key="unused")
     reply = client.chat.completions.create(
-        model=route, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0
+        model=route, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0,
+        extra_body={"grammar": grammar} if grammar else None,
     )
     return reply.choices[0].message.content or ""
 
 
 def run_offline(model: Path, adapter: Path, qs: list[str], max_tokens: int) -> dict[str, list[str]]:
-    """The three paths in process, through the server's own engine (same tokenization, batching
-    and greedy sampler as `python -m server`)."""
+    """The four paths in process, through the server's own engine (same tokenization, batching,
+    greedy sampler and grammar sampler as `python -m server`)."""
     from server.chat_template import ChatTemplate, render_system_prompt
     from server.gguf_info import BaseModelInfo
-    from trainer.task_eval import answer_many
+    from trainer.task_eval import AnswerJob, answer_many
 
     template = ChatTemplate.from_model(BaseModelInfo.load(model, sha256="-"))
     system = render_system_prompt((HERE / "cto-house-style.j2").read_text(encoding="utf-8"), {})
     user = [[{"role": "user", "content": q}] for q in qs]
     prompted = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in qs]
     kw = {"template": template, "max_tokens": max_tokens}
-    # one engine run, the three paths batched together as the server batches them
-    prompt_path, finetuned, base = answer_many(model, [(None, prompted), (adapter, user), (None, user)], **kw)
-    return {"cto-prompt": prompt_path, "cto-finetuned": finetuned, "base": base}
+    # one engine run, the four paths batched together as the server batches them
+    jobs = [AnswerJob(prompted), AnswerJob(user, adapter), AnswerJob(prompted, grammar=GRAMMAR), AnswerJob(user)]
+    prompt_path, finetuned, grammar, base = answer_many(model, jobs, **kw)
+    return {"cto-prompt": prompt_path, "cto-finetuned": finetuned, "cto-grammar": grammar, "base": base}
 
 
 def scores(qs: list[str], replies: list[str]) -> dict[str, float]:
@@ -109,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--offline needs --adapter")
         answers = run_offline(args.model, args.adapter, qs, args.max_tokens)
     else:
-        routes = ("cto-prompt", "cto-finetuned", "base")
-        answers = {r: [ask_server(args.server, r, q, args.max_tokens) for q in qs] for r in routes}
+        paths = {"cto-prompt": ("cto-prompt", None), "cto-finetuned": ("cto-finetuned", None),
+                 "cto-grammar": ("cto-prompt", GRAMMAR), "base": ("base", None)}  # fmt: skip
+        answers = {name: [ask_server(args.server, route, q, args.max_tokens, grammar) for q in qs]
+                   for name, (route, grammar) in paths.items()}  # fmt: skip
     print(f"{len(qs)} held-out questions, {time.perf_counter() - t0:.0f}s")
     print("| path | strict house style | strict, 3 distinct reasons | opens with Bottom line | sign-off "
           "| repeats a line | on topic |")
