@@ -201,6 +201,20 @@ def test_runs_lists_recent_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert [r["status"] for r in json.loads(capsys.readouterr().out)] == ["published", "rejected"]
 
 
+def test_runs_lists_a_run_whose_metrics_are_not_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI reads runs with the server's own reader (GET /v1/runs): a row another process wrote
+    badly is shown with empty metrics instead of crashing the listing."""
+    db = tmp_path / "conversations.sqlite3"
+    conn = connect(db)
+    finish_trainer_run(conn, start_trainer_run(conn, "house"), status="published", version=1)
+    conn.execute("UPDATE trainer_runs SET metrics = '{not json'")
+    conn.commit()
+    conn.close()
+    assert main(["runs", "--db", str(db), "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["status"] == "published" and row["metrics"] == {}
+
+
 def test_compare_scores_both_paths_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     compare = load_example("compare")
     assert compare.questions(3, 2027) == compare.questions(3, 2027)
@@ -212,10 +226,10 @@ def test_compare_scores_both_paths_offline(tmp_path: Path, capsys: pytest.Captur
                        "--n", "2", "--max-tokens", "4", "--json", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
     assert rc == 0
-    # one row per path: strict style 0% (a random tiny model), the three paths side by side
-    for path in ("cto-prompt", "cto-finetuned", "base"):
+    # one row per path: strict style 0% (a random tiny model, 4 tokens), the four paths side by side
+    for path in ("cto-prompt", "cto-finetuned", "cto-grammar", "base"):
         assert f"| {path} | 0% | 0% |" in printed, printed
     data = json.loads(out.read_text())
     answers = data["answers"]
-    assert len(answers["cto-prompt"]) == len(answers["cto-finetuned"]) == len(answers["base"]) == 2
+    assert [len(answers[p]) for p in ("cto-prompt", "cto-finetuned", "cto-grammar", "base")] == [2, 2, 2, 2]
     assert data["scores"]["cto-finetuned"]["strict_distinct"] == 0.0

@@ -375,9 +375,7 @@ def _fmt_time(t: float | None) -> str:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from server.store import connect
-
-    from trainer.nightly import recent_runs
+    from server.store import connect, recent_trainer_runs
 
     path = args.runs_db
     if path is None:
@@ -388,7 +386,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return EXIT_OK
     conn = connect(path, readonly=True)
     try:
-        rows = recent_runs(conn, limit=args.limit, adapter=args.adapter)
+        rows = recent_trainer_runs(conn, limit=args.limit, adapter=args.adapter)
     except sqlite3.OperationalError:
         rows = []
     finally:

@@ -285,7 +285,6 @@ class _ModelHandle:
     ) -> None:
         _backend(verbose)
         self.path = Path(path)
-        self.n_gpu_layers = n_gpu_layers
         self.model = _load_model(self.path, writable=writable, n_gpu_layers=n_gpu_layers)
         self.vocab = llc.llama_model_get_vocab(self.model)
         self.n_vocab = int(llc.llama_vocab_n_tokens(self.vocab))

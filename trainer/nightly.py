@@ -188,24 +188,6 @@ def mark_stale_runs(conn: sqlite3.Connection, adapters: Sequence[str], adapters_
     return len(stale)
 
 
-def recent_runs(conn: sqlite3.Connection, *, limit: int = 20, adapter: str | None = None) -> list[dict[str, Any]]:
-    """The newest runs first."""
-    sql = "SELECT id, adapter, started_at, finished_at, status, version, reason, metrics FROM trainer_runs"
-    args: list[Any] = []
-    if adapter:
-        sql += " WHERE adapter = ?"
-        args.append(adapter)
-    sql += " ORDER BY id DESC LIMIT ?"
-    args.append(limit)
-    keys = ("id", "adapter", "started_at", "finished_at", "status", "version", "reason", "metrics")
-    out = []
-    for row in conn.execute(sql, args):
-        d = dict(zip(keys, row))
-        d["metrics"] = json.loads(d["metrics"]) if d["metrics"] else {}
-        out.append(d)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # One adapter
 
