@@ -43,6 +43,7 @@ from server.engine import Engine, EngineConfig
 from server.errors import (
     APIError,
     AuthenticationFailed,
+    Conflict,
     InvalidRequest,
     NotFound,
     PermissionDenied,
@@ -52,7 +53,7 @@ from server.errors import (
 )
 from server.gguf_info import BaseModelInfo
 from server.metrics import Metrics
-from server.routes import RouteTable
+from server.routes import RouteTable, RoutesFileError
 from server.settings import Settings
 from server.store import ConversationLog, connect, recent_trainer_runs
 
@@ -453,11 +454,17 @@ async def list_adapters(request: Request) -> dict[str, Any]:
 
 @post("/v1/adapters/reload", opt={"auth": AUTH_ADMIN}, status_code=HTTP_200_OK)
 async def reload_adapters(request: Request) -> dict[str, Any]:
+    """Rescan the adapters and reload the routes file. The routes are checked first: a bad file
+    changes nothing (409 naming the route at fault), the running routes and adapters stay."""
     state = _state(request)
     chat = _ready(state)
-    summary = await chat.pool.reload()
     routes_path = state.settings.routes_path
-    chat.routes = await asyncio.to_thread(RouteTable.load, routes_path, state.settings.prompts_dir)
+    try:
+        routes = await asyncio.to_thread(RouteTable.load, routes_path, state.settings.prompts_dir)
+    except RoutesFileError as e:
+        raise Conflict(f"nothing was reloaded, the routes file is invalid: {e}") from None
+    summary = await chat.pool.reload()
+    chat.routes = routes
     summary["routes"] = sorted(chat.routes.routes)
     return summary
 

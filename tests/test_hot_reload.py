@@ -74,6 +74,23 @@ def test_reload_endpoint_removal_and_rollback(fresh_server, base_info, tmp_path)
     assert answer(srv, "base", max_tokens=2).status_code == 200
 
 
+def test_a_bad_routes_file_on_reload_changes_nothing_and_names_the_route(fresh_server, base_info, tmp_path) -> None:
+    """Before: a bare 500 after the adapters had already been swapped."""
+    from tests.conftest import write_routes
+    from tests.test_errors import assert_error
+
+    srv = fresh_server(adapter_watch_interval_s=0)
+    write_routes(srv.prompts_dir, '[routes.kind]\nprompt = "kind.j2"\n', {"kind.j2": "Be kind."})
+    assert httpx.post(f"{srv.url}/v1/adapters/reload", timeout=60).json()["routes"] == ["kind"]
+    publish_lora(srv.adapters_dir, "later", base_info, seed=23, tmp=tmp_path)
+    write_routes(srv.prompts_dir, '[routes.kind]\nprompt = "kind.j2"\n[routes.broken]\nprompt = "missing.j2"\n',
+                 {"kind.j2": "Be kind."})  # fmt: skip
+    r = httpx.post(f"{srv.url}/v1/adapters/reload", timeout=60)
+    assert_error(r, 409, says="routes.broken")
+    assert answer(srv, "later").status_code == 404  # the adapter half was not applied either
+    assert answer(srv, "kind", max_tokens=2).status_code == 200  # the running routes still serve
+
+
 def test_bad_adapter_files_are_refused_and_the_server_keeps_serving(fresh_server, base_info, tmp_path) -> None:
     srv = fresh_server()
     publish_lora(srv.adapters_dir, "good", base_info, seed=31, tmp=tmp_path)
