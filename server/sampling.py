@@ -108,9 +108,20 @@ def json_schema_grammar(schema: Any) -> str:
             "maxItems, minLength, maxLength, pattern, format, enum, const, anyOf, oneOf, allOf, $ref); remove it"
         )
     try:
-        return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+        gbnf = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
     except Exception as e:  # the converter raises ValueError, KeyError, RecursionError, ...
         raise GrammarError(f"the JSON schema cannot be turned into a grammar: {type(e).__name__}: {e}") from None
+    return "\n".join(_JSON_CHAR_FIXED if ln.startswith(_JSON_CHAR_SHIPPED) else ln for ln in gbnf.splitlines())
+
+
+_JSON_CHAR_SHIPPED = 'char ::= [^"\\\\] |'
+_JSON_CHAR_FIXED = (
+    'char ::= [^"\\\\\\x7F\\x00-\\x1F] | "\\\\" (["\\\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
+)
+"""llama-cpp-python 0.3.36's converter lets a JSON string hold any character but ``"`` and the backslash,
+raw newlines and other control characters included, which no JSON parser accepts (a greedy answer
+here wrote a newline inside a string). llama.cpp's own converter (``json_schema_to_grammar.py``)
+excludes U+0000-U+001F and U+007F, as JSON requires; its rule replaces the shipped one."""
 
 
 def _init_grammar(vocab: Any, grammar: str) -> Any:

@@ -181,3 +181,22 @@ def test_migrations_are_ordered_and_rerunnable(tmp_path: Path) -> None:
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert oct((tmp_path / "log.sqlite3").stat().st_mode & 0o777) == "0o600"
     json.dumps(names)
+
+
+def test_json_schema_strings_exclude_control_characters() -> None:
+    """JSON forbids raw control characters in strings; llama-cpp-python 0.3.36's converter allowed
+    them (a greedy answer wrote a newline inside a string and failed to parse)."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    from server.sampling import json_schema_grammar
+
+    schema = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 24}, "tags": {
+        "type": "array", "items": {"type": "string"}}}, "required": ["note"]}  # fmt: skip
+    shipped = json_schema_to_gbnf(__import__("json").dumps(schema))
+    ours = json_schema_grammar(schema)
+    [char] = [ln for ln in ours.splitlines() if ln.startswith("char ::=")]
+    assert char.startswith('char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
+    # only that rule changed
+    assert [ln for ln in ours.splitlines() if not ln.startswith("char ::=")] == [
+        ln for ln in shipped.splitlines() if not ln.startswith("char ::=")
+    ]
