@@ -49,6 +49,7 @@ import llama_cpp._logger as llama_logger
 import llama_cpp.llama_cpp as C
 
 from server.chat_template import Segment, tokenize_segments
+from server.llama_model import model_params
 from server.llama_vocab import LlamaVocab
 from server.errors import QueueFull, ServiceUnavailable
 from server.sampling import (
@@ -997,19 +998,6 @@ class Engine:
 # ---------------------------------------------------------------------------------------------
 # Probe: load an adapter file in a throw-away process, so a file that crashes llama.cpp's loader
 # takes down the probe, never the server. `python -m server.engine probe MODEL ADAPTER`.
-
-
-def model_params(n_gpu_layers: int) -> Any:
-    """llama.cpp's model params for every load (engine and probe): ``n_gpu_layers`` layers offloaded
-    to a GPU. A CPU-only build of llama.cpp ignores the offload; then say so and run on the CPU."""
-    params = C.llama_model_default_params()
-    params.n_gpu_layers = n_gpu_layers
-    if n_gpu_layers and not C.llama_supports_gpu_offload():
-        log.warning(
-            "n_gpu_layers=%d asked for, but this llama-cpp-python build has no GPU backend: running on "
-            "the CPU (build the CUDA wheel with `make setup GPU=cuda`)", params.n_gpu_layers,
-        )  # fmt: skip
-    return params
 
 
 def probe_adapter(

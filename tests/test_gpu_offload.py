@@ -77,9 +77,9 @@ def test_the_trainer_hands_n_gpu_layers_to_every_model_it_loads(
         [out] = run_nightly(cfg, only=["scored"], say=lambda m: None, options=RunOptions(skip_unchanged=False))
     assert out.status == "published", out.reason
     loaders = {r.name for r in caplog.records if warning(9) in r.getMessage()}
-    assert loaders == {"trainer.llama_opt", "server.engine"}, loaders
-    # the training and evaluation loads both went through it: one warning per model loaded
-    assert sum(warning(9) in r.getMessage() for r in caplog.records if r.name == "trainer.llama_opt") >= 3
+    assert loaders == {"server.llama_model"}, loaders
+    # training, validation loss (base and adapter) and the task score: one warning per model loaded
+    assert sum(warning(9) in r.getMessage() for r in caplog.records) >= 4
 
 
 def test_a_negative_n_gpu_layers_is_refused_with_the_setting_named(tmp_path: Path) -> None:

@@ -37,7 +37,6 @@ Facts about llama-cpp-python 0.3.36 (and the llama.cpp it vendors) that this mod
 from __future__ import annotations
 
 import ctypes
-import logging
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -45,9 +44,8 @@ from pathlib import Path
 import numpy as np
 
 import llama_cpp.llama_cpp as llc
+from server.llama_model import model_params
 from server.llama_vocab import LlamaVocab
-
-log = logging.getLogger(__name__)
 
 GGML_TYPE_F32 = 0
 GGML_TYPE_I32 = 26
@@ -173,24 +171,17 @@ _opt_epoch = ctypes.CFUNCTYPE(
 )(("llama_opt_epoch", llc._lib))
 
 
-def model_params(n_gpu_layers: int, *, writable: bool = False) -> llc.llama_model_params:
-    """llama.cpp's model params for the trainer's loads: ``n_gpu_layers`` layers on a GPU (a
-    CPU-only build ignores them: warn, run on the CPU); ``writable`` loads the weights into
-    memory the optimizer may change, not a read-only mmap."""
-    mparams = llc.llama_model_default_params()
-    mparams.n_gpu_layers = n_gpu_layers
-    if n_gpu_layers and not llc.llama_supports_gpu_offload():
-        log.warning(
-            "n_gpu_layers=%d asked for, but this llama-cpp-python build has no GPU backend: running on "
-            "the CPU (build the CUDA wheel with `make setup GPU=cuda`)", mparams.n_gpu_layers,
-        )  # fmt: skip
+def _model_params(n_gpu_layers: int, *, writable: bool) -> llc.llama_model_params:
+    """The shared model params (GPU offload, server.llama_model); ``writable`` loads the weights
+    into memory the optimizer may change, not a read-only mmap."""
+    mparams = model_params(n_gpu_layers)
     if writable:
         mparams.load_mode = LLAMA_LOAD_MODE_NONE
     return mparams
 
 
 def _load_model(path: Path, *, writable: bool, n_gpu_layers: int = 0) -> ctypes.c_void_p:
-    mparams = model_params(n_gpu_layers, writable=writable)
+    mparams = _model_params(n_gpu_layers, writable=writable)
     model = llc.llama_model_load_from_file(str(path).encode(), mparams)
     if not model:
         raise LlamaError(f"llama.cpp could not load model {path}")
