@@ -23,6 +23,7 @@ def parse_args(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--prompts-dir", type=Path, help="prompts directory (CHAT_PROMPTS_DIR)")
     p.add_argument("--routes-file", type=Path, help="routes TOML (CHAT_ROUTES_FILE)")
     p.add_argument("--db-path", type=Path, help="conversation log SQLite file (CHAT_DB_PATH)")
+    p.add_argument("--db-url", help="conversation log on PostgreSQL, postgresql://... (CHAT_DB_URL)")
     p.add_argument("--parallel", type=int, help="sequences decoded together (CHAT_PARALLEL)")
     p.add_argument("--n-ctx", type=int, help="context tokens per sequence (CHAT_N_CTX)")
     p.add_argument("--n-gpu-layers", type=int, help="model layers offloaded to a GPU (CHAT_N_GPU_LAYERS)")

@@ -12,7 +12,6 @@ import asyncio
 import hmac
 import json
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from litestar.types import ASGIApp
 from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
 
-from server import adapter_upload, protocol
+from server import adapter_upload, db, protocol
 from server.adapter_pool import AdapterPool
 from server import tools
 from server.chat import BASE_ALIASES, ChatService
@@ -55,7 +54,7 @@ from server.gguf_info import BaseModelInfo
 from server.metrics import Metrics
 from server.routes import RouteTable, RoutesFileError
 from server.settings import Settings
-from server.store import ConversationLog, connect, recent_trainer_runs
+from server.store import ConversationLog, read_trainer_runs
 
 log = logging.getLogger(__name__)
 
@@ -515,33 +514,18 @@ async def feedback(request: Request) -> dict[str, Any]:
 
 def _exchange_route(clog: ConversationLog, response_id: str) -> tuple[str, str] | None:
     clog.flush()
-    conn = connect(clog.path, readonly=True)
-    try:
-        row = conn.execute("SELECT route, path_kind FROM exchanges WHERE id = ?", (response_id,)).fetchone()
-    finally:
-        conn.close()
-    return (row[0], row[1]) if row else None
+    return clog.exchange_route(response_id)
 
 
 @get("/v1/runs", opt={"auth": AUTH_API})
 async def list_runs(request: Request) -> dict[str, Any]:
     q = _query(request, protocol.RunsQuery)
-    rows = await asyncio.to_thread(_trainer_runs, _state(request).settings.runs_db_path, q.limit, q.adapter)
+    rows = await asyncio.to_thread(_trainer_runs, _state(request).settings.runs_target, q.limit, q.adapter)
     return {"object": "list", "data": [protocol.trainer_run(r) for r in rows]}
 
 
-def _trainer_runs(db_path: Path, limit: int, adapter: str | None) -> list[dict[str, Any]]:
-    if not db_path.is_file():
-        return []  # no log yet: the trainer has not run against this database
-    conn = connect(db_path, readonly=True)
-    try:
-        return recent_trainer_runs(conn, limit=limit, adapter=adapter)
-    except sqlite3.OperationalError as e:
-        if "no such table" in str(e):  # a log file older than the trainer_runs migration
-            return []
-        raise
-    finally:
-        conn.close()
+def _trainer_runs(target: db.Target, limit: int, adapter: str | None) -> list[dict[str, Any]]:
+    return read_trainer_runs(target, limit=limit, adapter=adapter)
 
 
 @get("/health", opt={"auth": AUTH_PUBLIC})
@@ -607,7 +591,7 @@ def playground_router() -> Router:
 
 def create_app(settings: Settings) -> Litestar:
     """Build the app; the model loads in the lifespan, not at import or here."""
-    runs_db = settings.runs_db_path if settings.log_conversations or settings.trainer_runs_db else None
+    runs_db = settings.runs_target if settings.log_conversations or settings.trainer_runs_db else None
     state = AppState(settings=settings, metrics=Metrics(runs_db))
 
     @asynccontextmanager
@@ -663,7 +647,7 @@ def _open(state: AppState) -> None:
                              observer=state.metrics)
     routes = RouteTable.load(s.routes_path, s.prompts_dir)
     if s.log_conversations:
-        state.conversation_log = ConversationLog(s.db_path, replica=s.replica, retention_days=s.retention_days)
+        state.conversation_log = ConversationLog(s.log_target, replica=s.replica, retention_days=s.retention_days)
         state.metrics.bind_conversation_log(state.conversation_log)
     state.chat = ChatService(s, engine, state.pool, routes, ChatTemplate.from_model(state.base),
                              state.conversation_log, state.metrics)

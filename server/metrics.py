@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from server import store
+from server import db, store
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +24,8 @@ TRAINER_STATUSES = ("running", "published", "rejected", "skipped", "failed", "in
 class _TrainerRuns(Collector):
     """The last nightly run per adapter, read from the conversation log database at scrape time."""
 
-    def __init__(self, db_path: Path) -> None:
-        self.db_path = db_path
+    def __init__(self, target: db.Target) -> None:
+        self.target = target
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         ts = GaugeMetricFamily("trainer_last_run_timestamp_seconds", "Start of the last trainer run", labels=["adapter"])
@@ -36,14 +35,15 @@ class _TrainerRuns(Collector):
         version = GaugeMetricFamily(
             "trainer_last_run_version", "Version published by the last run (0 when none)", labels=["adapter"]
         )
-        try:
-            conn = store.connect(self.db_path, readonly=True)
+        runs: list[dict] = []
+        if db.exists(self.target):
+            engine = db.open_engine(self.target, readonly=True)
             try:
-                runs = store.last_trainer_runs(conn)
+                runs = store.last_trainer_runs(engine)
+            except Exception:  # noqa: BLE001 - a scrape never fails for the trainer's records
+                log.warning("cannot read the trainer's runs from %s", db.describe(self.target), exc_info=True)
             finally:
-                conn.close()
-        except Exception:
-            runs = []
+                engine.dispose()
         for run in runs:
             ts.add_metric([run["adapter"]], run["started_at"])
             for s in TRAINER_STATUSES:
@@ -75,7 +75,7 @@ class _ConversationLogState(Collector):
 class Metrics:
     """Every metric the server exports; the engine and the adapter pool report through it."""
 
-    def __init__(self, db_path: Path | None = None) -> None:
+    def __init__(self, runs_db: db.Target | None = None) -> None:
         r = self.registry = CollectorRegistry()
         route_labels = ["route", "path", "adapter", "version"]
         self.requests = Counter("chat_requests", "Chat completion requests", route_labels + ["status"], registry=r)
@@ -108,8 +108,8 @@ class Metrics:
         self.steps = Counter("engine_steps", "llama_decode steps", registry=r)
         self.group_turns = Histogram("engine_adapter_group_turn_steps", "Steps an adapter set kept the context",
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        if db_path is not None:
-            r.register(_TrainerRuns(db_path))
+        if runs_db is not None:
+            r.register(_TrainerRuns(runs_db))
 
     # engine observer
     def on_step(self, batch_tokens: int, decode_seqs: int, switched: bool) -> None:

@@ -9,6 +9,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server import db
+
 DEFAULT_MODEL = Path("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 CommaList = Annotated[list[str], NoDecode]
@@ -32,8 +34,9 @@ class Settings(BaseSettings):
     adapters_dir: Path = Field(Path("adapters"), description="Adapters directory (one folder per adapter).")
     prompts_dir: Path = Field(Path("prompts"), description="System prompt templates directory.")
     routes_file: Path | None = Field(None, description="Routes TOML (default: <prompts_dir>/routes.toml).")
-    db_path: Path = Field(Path("data/conversations.sqlite3"), description="Conversation log SQLite file.")
-    trainer_runs_db: Path | None = Field(None, description="SQLite file the trainer records its runs in, for /metrics and /v1/runs (default: db_path; set it when replicas log to separate files).")
+    db_path: Path = Field(Path("data/conversations.sqlite3"), description="Conversation log SQLite file (when db_url is not set).")
+    db_url: str | None = Field(None, description="PostgreSQL URL of a conversation log shared by every replica (`postgresql://user:password@host:5432/db`); replaces db_path.")
+    trainer_runs_db: str | None = Field(None, description="SQLite file or PostgreSQL URL the trainer records its runs in, for /metrics and /v1/runs (default: the conversation log; set it when replicas log to separate SQLite files).")
     log_conversations: bool = Field(True, description="Log exchanges (routes can opt out with log = false).")
     retention_days: float = Field(0, ge=0, description="Delete logged exchanges older than this (0 = keep).")
     replica: str | None = Field(None, description="Replica name written to each log row.")
@@ -64,9 +67,25 @@ class Settings(BaseSettings):
     def routes_path(self) -> Path:
         return self.routes_file or self.prompts_dir / "routes.toml"
 
+    @field_validator("db_url")
+    @classmethod
+    def _postgresql_url(cls, v: str | None) -> str | None:
+        if v is not None and not db.is_url(v):
+            raise ValueError("CHAT_DB_URL must be a postgresql:// URL (postgresql://user:password@host:5432/db); "
+                             "for a SQLite file set CHAT_DB_PATH instead")
+        return v or None
+
     @property
-    def runs_db_path(self) -> Path:
-        return self.trainer_runs_db or self.db_path
+    def log_target(self) -> db.Target:
+        """Where the conversation log lives: db_url, else db_path."""
+        return self.db_url or self.db_path
+
+    @property
+    def runs_target(self) -> db.Target:
+        """Where the trainer's runs are read from: trainer_runs_db, else the conversation log."""
+        if self.trainer_runs_db:
+            return self.trainer_runs_db if db.is_url(self.trainer_runs_db) else Path(self.trainer_runs_db)
+        return self.log_target
 
     @property
     def served_model_name(self) -> str:

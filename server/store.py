@@ -1,9 +1,11 @@
-"""The conversation log: SQLite schema, migrations, and the server's single writer.
+"""The conversation log: its tables, migrations, the server's single writer, and trainer-run records.
 
-Owns docs/conversation-log.md. Migrations are ordered functions `m001_...`; `migrate(conn)` applies
-the missing ones and is safe to re-run. The server writes through `ConversationLog`, one thread fed
-by a queue, so the event loop never waits on disk. The trainer uses `connect`, `migrate` and the
-trainer-run helpers.
+Owns docs/conversation-log.md. One code path for SQLite (the embedded default) and PostgreSQL (one
+log shared by replicas on several nodes): SQLAlchemy Core tables and statements here, the few
+differences between the two databases in server/db.py. Migrations are ordered functions
+`m001_...`; `migrate(engine)` applies the missing ones and is safe to re-run. The server writes
+through `ConversationLog`, one thread fed by a queue, so the event loop never waits on the
+database. The trainer uses `open_db` and the trainer-run helpers.
 """
 
 from __future__ import annotations
@@ -11,140 +13,146 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc
+from sqlalchemy.engine import Connection, Engine
+
+from server import db
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
-# Migrations
+# Tables (the current schema, used by every statement) and migrations
+
+metadata = sa.MetaData()
+
+exchanges = sa.Table(
+    "exchanges", metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("route", sa.Text, nullable=False),
+    sa.Column("path_kind", sa.Text, nullable=False),
+    sa.Column("fallback_reason", sa.Text),
+    sa.Column("adapters", sa.Text, nullable=False, server_default="[]"),
+    sa.Column("adapter_name", sa.Text),
+    sa.Column("adapter_version", sa.Integer),
+    sa.Column("system_prompt", sa.Text),
+    sa.Column("messages", sa.Text, nullable=False),
+    sa.Column("response", sa.Text),
+    sa.Column("finish_reason", sa.Text),
+    sa.Column("prompt_tokens", sa.Integer),
+    sa.Column("completion_tokens", sa.Integer),
+    sa.Column("cached_tokens", sa.Integer),
+    sa.Column("ttft_ms", sa.Float),
+    sa.Column("duration_ms", sa.Float),
+    sa.Column("params", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("user", sa.Text),
+    sa.Column("conversation_id", sa.Text),
+    sa.Column("error", sa.Text),
+    sa.Column("replica", sa.Text),
+    sa.Index("exchanges_created", "created_at"),
+    sa.Index("exchanges_route", "route", "created_at"),
+    sa.Index("exchanges_adapter", "adapter_name", "created_at"),
+    sa.Index("exchanges_conversation", "conversation_id"),
+)  # fmt: skip
+
+feedback = sa.Table(
+    "feedback", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("response_id", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("rating", sa.Integer, sa.CheckConstraint("rating IN (-1, 0, 1)"), nullable=False),
+    sa.Column("corrected", sa.Text),
+    sa.Column("comment", sa.Text),
+    sa.Index("feedback_response", "response_id"),
+)  # fmt: skip
+
+trainer_runs = sa.Table(
+    "trainer_runs", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("adapter", sa.Text, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("version", sa.Integer),
+    sa.Column("reason", sa.Text),
+    sa.Column("metrics", sa.Text),
+    sa.Index("trainer_runs_adapter", "adapter", "started_at"),
+)  # fmt: skip
+
+schema_migrations = sa.Table(
+    "schema_migrations", sa.MetaData(),
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("applied_at", sa.Float, nullable=False),
+)  # fmt: skip
+
+# A migration creates or changes tables with Core DDL, so it runs on both databases. A later
+# change to a table adds a migration (an ALTER) and updates the Table above.
 
 
-def m001_initial(conn: sqlite3.Connection) -> None:
-    conn.executescript(
-        """
-        CREATE TABLE exchanges (
-            id TEXT PRIMARY KEY,
-            created_at REAL NOT NULL,
-            finished_at REAL,
-            status TEXT NOT NULL,
-            model TEXT NOT NULL,
-            route TEXT NOT NULL,
-            path_kind TEXT NOT NULL,
-            fallback_reason TEXT,
-            adapters TEXT NOT NULL DEFAULT '[]',
-            adapter_name TEXT,
-            adapter_version INTEGER,
-            system_prompt TEXT,
-            messages TEXT NOT NULL,
-            response TEXT,
-            finish_reason TEXT,
-            prompt_tokens INTEGER,
-            completion_tokens INTEGER,
-            cached_tokens INTEGER,
-            ttft_ms REAL,
-            duration_ms REAL,
-            params TEXT NOT NULL DEFAULT '{}',
-            user TEXT,
-            conversation_id TEXT,
-            error TEXT,
-            replica TEXT
-        );
-        CREATE INDEX exchanges_created ON exchanges(created_at);
-        CREATE INDEX exchanges_route ON exchanges(route, created_at);
-        CREATE INDEX exchanges_adapter ON exchanges(adapter_name, created_at);
-        CREATE INDEX exchanges_conversation ON exchanges(conversation_id);
-
-        CREATE TABLE feedback (
-            id INTEGER PRIMARY KEY,
-            response_id TEXT NOT NULL,
-            created_at REAL NOT NULL,
-            rating INTEGER NOT NULL CHECK (rating IN (-1, 0, 1)),
-            corrected TEXT,
-            comment TEXT
-        );
-        CREATE INDEX feedback_response ON feedback(response_id);
-        """
-    )
+def m001_initial(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[exchanges, feedback])
 
 
-def m002_trainer_runs(conn: sqlite3.Connection) -> None:
-    conn.executescript(
-        """
-        CREATE TABLE trainer_runs (
-            id INTEGER PRIMARY KEY,
-            adapter TEXT NOT NULL,
-            started_at REAL NOT NULL,
-            finished_at REAL,
-            status TEXT NOT NULL,
-            version INTEGER,
-            reason TEXT,
-            metrics TEXT
-        );
-        CREATE INDEX trainer_runs_adapter ON trainer_runs(adapter, started_at);
-        """
-    )
+def m002_trainer_runs(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[trainer_runs])
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_trainer_runs]
+MIGRATIONS: list[Callable[[Connection], None]] = [m001_initial, m002_trainer_runs]
 
 
-def migrate(conn: sqlite3.Connection) -> list[str]:
-    """Apply missing migrations in order; return the names applied."""
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
-    done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
-    applied = []
-    for fn in MIGRATIONS:
-        if fn.__name__ in done:
-            continue
-        with conn:
+def migrate(engine: Engine) -> list[str]:
+    """Apply missing migrations in order, in one transaction; return the names applied. Safe to
+    re-run, and safe when several processes start at once (db.migration_lock)."""
+    with engine.begin() as conn:
+        db.migration_lock(conn)
+        schema_migrations.create(conn, checkfirst=True)
+        done = set(conn.execute(sa.select(schema_migrations.c.name)).scalars())
+        applied = []
+        for fn in MIGRATIONS:
+            if fn.__name__ in done:
+                continue
             fn(conn)
-            conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (fn.__name__, time.time()))
-        applied.append(fn.__name__)
+            conn.execute(schema_migrations.insert().values(name=fn.__name__, applied_at=time.time()))
+            applied.append(fn.__name__)
     return applied
 
 
-def connect(db_path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open the log (creating it with mode 0600 and the current schema unless read-only)."""
-    path = Path(db_path)
-    if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 5000")
-        return conn
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
-        os.close(fd)
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("PRAGMA busy_timeout = 5000")
-    conn.execute("PRAGMA foreign_keys = ON")
-    migrate(conn)
-    return conn
+def open_db(target: db.Target, *, readonly: bool = False) -> Engine:
+    """An engine on the log at `target` (a SQLite path or a PostgreSQL URL: server/db.py), with the
+    current schema unless `readonly`. The caller disposes of it."""
+    engine = db.open_engine(target, readonly=readonly)
+    if not readonly:
+        try:
+            migrate(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+    return engine
 
 
 # ---------------------------------------------------------------------------------------------
-# Trainer runs (used by the trainer; read by the server's metrics)
+# Trainer runs (used by the trainer; read by the server's metrics and GET /v1/runs)
 
 
-def start_trainer_run(conn: sqlite3.Connection, adapter: str) -> int:
-    with conn:
-        cur = conn.execute(
-            "INSERT INTO trainer_runs (adapter, started_at, status) VALUES (?, ?, 'running')", (adapter, time.time())
-        )
-    return int(cur.lastrowid)
+def start_trainer_run(engine: Engine, adapter: str) -> int:
+    with engine.begin() as c:
+        result = c.execute(trainer_runs.insert().values(adapter=adapter, started_at=time.time(), status="running"))
+        return int(result.inserted_primary_key[0])
 
 
 def finish_trainer_run(
-    conn: sqlite3.Connection,
+    engine: Engine,
     run_id: int,
     *,
     status: str,
@@ -152,48 +160,76 @@ def finish_trainer_run(
     reason: str | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> None:
-    with conn:
-        conn.execute(
-            "UPDATE trainer_runs SET finished_at = ?, status = ?, version = ?, reason = ?, metrics = ? WHERE id = ?",
-            (time.time(), status, version, reason, json.dumps(metrics or {}), run_id),
-        )
+    with engine.begin() as c:
+        c.execute(
+            trainer_runs.update().where(trainer_runs.c.id == run_id).values(
+                finished_at=time.time(), status=status, version=version, reason=db.text(reason),
+                metrics=json.dumps(metrics or {}),
+            )
+        )  # fmt: skip
 
 
-def last_trainer_runs(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """The latest run per adapter."""
-    rows = conn.execute(
-        """
-        SELECT adapter, started_at, finished_at, status, version, reason, metrics FROM trainer_runs t
-        WHERE id = (SELECT max(id) FROM trainer_runs WHERE adapter = t.adapter) ORDER BY adapter
-        """
-    ).fetchall()
-    keys = ("adapter", "started_at", "finished_at", "status", "version", "reason", "metrics")
+_RUN_COLUMNS = ("id", "adapter", "started_at", "finished_at", "status", "version", "reason", "metrics")
+
+
+def _run_rows(rows: Any) -> list[dict[str, Any]]:
     out = []
     for row in rows:
-        d = dict(zip(keys, row))
-        d["metrics"] = json.loads(d["metrics"]) if d["metrics"] else {}
-        out.append(d)
-    return out
-
-
-def recent_trainer_runs(conn: sqlite3.Connection, *, limit: int = 20, adapter: str | None = None) -> list[dict[str, Any]]:
-    """The newest `limit` runs, newest first, optionally of one adapter (read by GET /v1/runs)."""
-    sql = "SELECT id, adapter, started_at, finished_at, status, version, reason, metrics FROM trainer_runs"
-    args: list[Any] = []
-    if adapter is not None:
-        sql += " WHERE adapter = ?"
-        args.append(adapter)
-    rows = conn.execute(sql + " ORDER BY id DESC LIMIT ?", [*args, limit]).fetchall()
-    keys = ("id", "adapter", "started_at", "finished_at", "status", "version", "reason", "metrics")
-    out = []
-    for row in rows:
-        d = dict(zip(keys, row))
+        d = dict(row._mapping)
         try:
             d["metrics"] = json.loads(d["metrics"]) if d["metrics"] else {}
         except ValueError:  # a run row is written by another process; never let one bad row hide the rest
             d["metrics"] = {}
         out.append(d)
     return out
+
+
+def _no_runs_table(e: exc.DBAPIError) -> bool:
+    """A log older than the trainer_runs migration (or not yet migrated): no runs, not an error."""
+    text = str(e.orig).lower()
+    return "no such table" in text or "does not exist" in text
+
+
+def last_trainer_runs(engine: Engine) -> list[dict[str, Any]]:
+    """The latest run per adapter."""
+    t = trainer_runs
+    newest = sa.select(sa.func.max(t.c.id)).group_by(t.c.adapter).scalar_subquery()
+    cols = [t.c[k] for k in _RUN_COLUMNS if k != "id"]
+    try:
+        with engine.connect() as c:
+            rows = c.execute(sa.select(*cols).where(t.c.id.in_(newest)).order_by(t.c.adapter)).fetchall()
+    except exc.DBAPIError as e:
+        if _no_runs_table(e):
+            return []
+        raise
+    return _run_rows(rows)
+
+
+def recent_trainer_runs(engine: Engine, *, limit: int = 20, adapter: str | None = None) -> list[dict[str, Any]]:
+    """The newest `limit` runs, newest first, optionally of one adapter (read by GET /v1/runs)."""
+    t = trainer_runs
+    q = sa.select(*(t.c[k] for k in _RUN_COLUMNS)).order_by(t.c.id.desc()).limit(limit)
+    if adapter is not None:
+        q = q.where(t.c.adapter == adapter)
+    try:
+        with engine.connect() as c:
+            rows = c.execute(q).fetchall()
+    except exc.DBAPIError as e:
+        if _no_runs_table(e):
+            return []
+        raise
+    return _run_rows(rows)
+
+
+def read_trainer_runs(target: db.Target, *, limit: int = 20, adapter: str | None = None) -> list[dict[str, Any]]:
+    """`recent_trainer_runs` of the log at `target`, read-only; [] when there is no log yet."""
+    if not db.exists(target):
+        return []
+    engine = db.open_engine(target, readonly=True)
+    try:
+        return recent_trainer_runs(engine, limit=limit, adapter=adapter)
+    finally:
+        engine.dispose()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +252,7 @@ def _utf8(v: Any) -> Any:
 
 
 def _encode(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: _utf8(json.dumps(v, ensure_ascii=False) if k in JSON_COLUMNS else v) for k, v in row.items()}
+    return {k: db.text(_utf8(json.dumps(v, ensure_ascii=False) if k in JSON_COLUMNS else v)) for k, v in row.items()}
 
 
 def _size(payload: Any) -> int:
@@ -227,22 +263,6 @@ def _size(payload: Any) -> int:
         return sum(_size(v) if isinstance(v, (dict, tuple, list)) else len(v) if isinstance(v, str) else 8
                    for v in payload)
     return 8
-
-
-def _is_disk_problem(e: BaseException) -> bool:
-    """Errors that a later retry can cure: full disk, I/O error, file unavailable, locked.
-
-    Anything else (a value SQLite refuses) is a problem of the row itself: retrying cannot help.
-    """
-    if not isinstance(e, sqlite3.Error):
-        return False
-    name = getattr(e, "sqlite_errorname", "") or ""  # Python 3.11+
-    if name.startswith(("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_BUSY", "SQLITE_LOCKED",
-                        "SQLITE_READONLY", "SQLITE_PROTOCOL", "SQLITE_NOTADB")):
-        return True
-    text = str(e).lower()
-    return any(m in text for m in ("disk is full", "disk i/o error", "unable to open", "database is locked",
-                                   "readonly database"))
 
 
 class ConversationLog:
@@ -262,7 +282,7 @@ class ConversationLog:
 
     def __init__(
         self,
-        db_path: Path,
+        target: db.Target,
         *,
         replica: str | None = None,
         retention_days: float = 0,
@@ -271,14 +291,17 @@ class ConversationLog:
         retry_min_s: float = 0.25,
         retry_max_s: float = 5.0,
     ) -> None:
-        self._path = Path(db_path)
+        self._target = target
         self._replica = replica
         self._retention_s = retention_days * 86400
         self.max_pending_rows = max_pending_rows
         self.max_pending_bytes = max_pending_bytes
         self._retry_min_s, self._retry_max_s = retry_min_s, retry_max_s
         self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
-        self._conn = connect(self._path)
+        self._engine = open_db(target)
+        # reads (exchange_route) run on the caller's thread: SQLite opens the file read-only per
+        # read; PostgreSQL borrows a connection from the writer's pool
+        self._reader = self._engine if db.is_shared(self._engine) else db.open_engine(target, readonly=True)
         # held by the writer thread only: ops not yet on disk, in order, as (kind, payload, size)
         self._held: collections.deque[tuple[str, Any, int]] = collections.deque()
         self._dropped_ids: set[str] = set()  # rows dropped at the bound: their finish is ignored too
@@ -298,8 +321,8 @@ class ConversationLog:
         self._thread.start()
 
     @property
-    def path(self) -> Path:
-        return self._path
+    def target(self) -> db.Target:
+        return self._target
 
     def begin(self, row: dict[str, Any]) -> None:
         row = {**row, "status": "in_progress", "replica": self._replica}
@@ -309,7 +332,8 @@ class ConversationLog:
         self._queue.put(("finish", (exchange_id, _encode({**fields, "finished_at": time.time()}))))
 
     def add_feedback(self, response_id: str, rating: int, corrected: str | None, comment: str | None) -> None:
-        self._queue.put(("feedback", (response_id, time.time(), rating, _utf8(corrected), _utf8(comment))))
+        self._queue.put(("feedback", {"response_id": db.text(response_id), "created_at": time.time(), "rating": rating,
+                                      "corrected": db.text(_utf8(corrected)), "comment": db.text(_utf8(comment))}))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued before this call is on disk; False when it is not (the
@@ -322,7 +346,8 @@ class ConversationLog:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=10)
-        self._conn.close()
+        self._engine.dispose()
+        self._reader.dispose()
 
     @property
     def accepting(self) -> bool:
@@ -345,13 +370,16 @@ class ConversationLog:
                 "accepting": self._held_rows < self.max_pending_rows and self._held_bytes < self.max_pending_bytes,
             }
 
-    # reads happen on the caller's thread with their own short-lived connection
+    def exchange_route(self, exchange_id: str) -> tuple[str, str] | None:
+        """(route, path_kind) of a logged exchange, or None; read on the caller's thread."""
+        with self._reader.connect() as c:
+            row = c.execute(
+                sa.select(exchanges.c.route, exchanges.c.path_kind).where(exchanges.c.id == db.text(exchange_id))
+            ).first()
+        return (row[0], row[1]) if row else None
+
     def exchange_exists(self, exchange_id: str) -> bool:
-        conn = connect(self._path, readonly=True)
-        try:
-            return conn.execute("SELECT 1 FROM exchanges WHERE id = ?", (exchange_id,)).fetchone() is not None
-        finally:
-            conn.close()
+        return self.exchange_route(exchange_id) is not None
 
     # ------------------------------------------------------------------ the writer thread
 
@@ -425,7 +453,7 @@ class ConversationLog:
         try:
             self._transaction(ops)
         except Exception as e:  # noqa: BLE001 - any error: a disk problem is retried, anything else op by op below
-            if _is_disk_problem(e):
+            if db.retryable(e):
                 self._failed(e)
                 return
             # a row SQLite refuses must not hold up the others: one transaction per op, drop the bad ones
@@ -434,7 +462,7 @@ class ConversationLog:
                 try:
                     self._transaction([op])
                 except Exception as e1:
-                    if _is_disk_problem(e1):
+                    if db.retryable(e1):
                         kept = ops[i:]
                         self._failed(e1)
                         break
@@ -450,19 +478,9 @@ class ConversationLog:
         self._recovered(len(ops))
 
     def _transaction(self, ops: list[tuple[str, Any, int]]) -> None:
-        c = self._conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        with self._engine.begin() as c:  # rolled back on any error
             for kind, payload, _ in ops:
-                self._apply(kind, payload)
-            c.execute("COMMIT")
-        except BaseException:
-            if c.in_transaction:
-                try:
-                    c.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # SQLite may have rolled back already
-            raise
+                self._apply(c, kind, payload)
 
     def _set_held(self, ops: list[tuple[str, Any, int]]) -> None:
         with self._lock:
@@ -494,31 +512,22 @@ class ConversationLog:
             log.warning("conversation log writable again after %.1f s: wrote %d held writes; %d rows dropped at "
                         "the bound so far", time.monotonic() - since, n_ops, self._dropped_rows)
 
-    def _apply(self, kind: str, payload: Any) -> None:
-        c = self._conn
+    def _apply(self, c: Connection, kind: str, payload: Any) -> None:
         if kind == "begin":
-            cols = [k for k in EXCHANGE_COLUMNS if k in payload]
-            c.execute(
-                f"INSERT OR REPLACE INTO exchanges ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                [payload[k] for k in cols],
-            )
+            db.upsert(c, exchanges, {k: payload[k] for k in EXCHANGE_COLUMNS if k in payload})
         elif kind == "finish":
             exchange_id, fields = payload
-            cols = [k for k in EXCHANGE_COLUMNS if k in fields and k != "id"]
-            c.execute(
-                f"UPDATE exchanges SET {', '.join(f'{k} = ?' for k in cols)} WHERE id = ?",
-                [fields[k] for k in cols] + [exchange_id],
-            )
+            c.execute(exchanges.update().where(exchanges.c.id == exchange_id)
+                      .values({k: fields[k] for k in EXCHANGE_COLUMNS if k in fields and k != "id"}))
         elif kind == "feedback":
-            c.execute(
-                "INSERT INTO feedback (response_id, created_at, rating, corrected, comment) VALUES (?, ?, ?, ?, ?)",
-                payload,
-            )
+            c.execute(feedback.insert().values(payload))
         elif kind == "interrupted":
-            n = c.execute(
-                "UPDATE exchanges SET status = 'interrupted', finished_at = ? WHERE status = 'in_progress'",
-                (payload,),
-            ).rowcount
+            # rows this server left in_progress when it died; a shared database holds other
+            # replicas' live rows too, so there only this replica's
+            left = exchanges.c.status == "in_progress"
+            if db.is_shared(self._engine):
+                left &= exchanges.c.replica == self._replica if self._replica else exchanges.c.replica.is_(None)
+            n = c.execute(exchanges.update().where(left).values(status="interrupted", finished_at=payload)).rowcount
             if n:
                 log.warning("marked %d exchanges left in_progress by a previous run as interrupted", n)
 
@@ -528,9 +537,10 @@ class ConversationLog:
             return
         cutoff = time.time() - self._retention_s
         try:
-            n = self._conn.execute("DELETE FROM exchanges WHERE created_at < ?", (cutoff,)).rowcount
-            self._conn.execute("DELETE FROM feedback WHERE created_at < ?", (cutoff,))
+            with self._engine.begin() as c:
+                n = c.execute(exchanges.delete().where(exchanges.c.created_at < cutoff)).rowcount
+                c.execute(feedback.delete().where(feedback.c.created_at < cutoff))
             if n:
                 log.info("retention: deleted %d exchanges older than the retention window", n)
-        except sqlite3.Error:
+        except exc.SQLAlchemyError:
             log.exception("retention delete failed")

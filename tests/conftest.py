@@ -88,6 +88,8 @@ class ServerProcess:
         self.adapters_dir = Path(settings.pop("adapters_dir", workdir / "adapters"))
         self.prompts_dir = Path(settings.pop("prompts_dir", workdir / "prompts"))
         self.db_path = Path(settings.pop("db_path", workdir / "log.sqlite3"))
+        self.db = settings.get("db_url") or self.db_path
+        """The conversation log: a SQLite path, or the PostgreSQL URL given as db_url."""
         self.adapters_dir.mkdir(parents=True, exist_ok=True)
         self.prompts_dir.mkdir(parents=True, exist_ok=True)
         defaults = {"n_ctx": 1024, "parallel": 4, "n_threads": 2, "adapter_watch_interval_s": 0.3}
@@ -201,7 +203,7 @@ log = false
 PIRATE = "You are a pirate captain of the {{ ship }}. Always answer like a pirate, starting with 'Arr!'."
 
 
-def start_shared_server(work: Path, model_path: Path, base_info: BaseModelInfo) -> ServerProcess:
+def start_shared_server(work: Path, model_path: Path, base_info: BaseModelInfo, **settings: Any) -> ServerProcess:
     """A server with adapters style-a (v1) and style-b (v1) and the SHARED_ROUTES, in `work`."""
     adapters = work / "adapters"
     adapters.mkdir()
@@ -209,7 +211,7 @@ def start_shared_server(work: Path, model_path: Path, base_info: BaseModelInfo) 
     publish_lora(adapters, "style-b", base_info, seed=2, tmp=work)
     (work / "prompts").mkdir()
     write_routes(work / "prompts", SHARED_ROUTES, {"pirate.j2": PIRATE})
-    return ServerProcess(work, model_path, adapters_dir=adapters)
+    return ServerProcess(work, model_path, adapters_dir=adapters, **settings)
 
 
 @pytest.fixture(scope="session")
@@ -235,6 +237,41 @@ def fresh_server(tmp_path: Path, model_path: Path) -> Iterator[Any]:
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """One real PostgreSQL server for the session (tests/postgres.py); tests take databases of it."""
+    from tests.postgres import PostgresServer
+
+    pg = PostgresServer()
+    yield pg
+    pg.close()
+
+
+@pytest.fixture
+def pg_url(postgres: Any, request: pytest.FixtureRequest) -> str:
+    """A new empty database on the session's PostgreSQL server, for one test."""
+    import re
+
+    return postgres.create_database(re.sub(r"\W", "_", request.node.name)[:30] + f"_{os.getpid()}_{time.monotonic_ns()}")
+
+
+def log_rows(target: Any, sql: str, args: tuple = ()) -> list[Any]:
+    """Rows (as mappings) of a query on a conversation log, a SQLite path or a PostgreSQL URL,
+    read through the server's own database layer; `?` placeholders, quote `"user"`."""
+    import sqlalchemy as sa
+
+    from server import db
+
+    parts = sql.split("?")
+    text = parts[0] + "".join(f":p{i}{part}" for i, part in enumerate(parts[1:]))
+    engine = db.open_engine(target, readonly=True)
+    try:
+        with engine.connect() as c:
+            return list(c.execute(sa.text(text), {f"p{i}": v for i, v in enumerate(args)}).mappings())
+    finally:
+        engine.dispose()
 
 
 @contextmanager

@@ -721,3 +721,79 @@ def test_k8s_replica_logs_are_read_together_and_deduplicated(
     assert len(got.files) == 2
     assert sorted(i.answer or "" for i in got.items) == ["corrected on b", "from b", "logged twice"]
     assert got.dropped == {"duplicate request id (another replica)": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes, the PostgreSQL variant (deploy/k8s-postgresql: a kustomize overlay of deploy/k8s)
+
+K8S_PG_DIR = ROOT / "deploy" / "k8s-postgresql"
+
+
+def k8s_pg_resources() -> dict[str, dict[str, Any]]:
+    """The overlay as kustomize renders it (`kubectl kustomize`, the same code as `kubectl apply -k`)."""
+    out = subprocess.run(["kubectl", "kustomize", str(K8S_PG_DIR)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(out.stdout) if d}
+
+
+@pytest.mark.parametrize("version", ["1.30.0", kubernetes_validate.utils.latest_version()])
+def test_k8s_postgresql_overlay_renders_and_passes_the_schema(version: str) -> None:
+    res = k8s_pg_resources()
+    assert set(res) == set(k8s_resources())  # the same objects, patched
+    docs = [*res.values(), *load_yaml_docs(K8S_DIR / "examples" / "postgres-secret.example.yaml")]
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+
+
+def test_k8s_postgresql_overlay_spreads_replicas_over_one_shared_log(
+    tmp_path: Path, model_path: Path, monkeypatch: pytest.MonkeyPatch, pg_url: str
+) -> None:
+    """No node affinity, no data volume on the servers, the adapters volume ReadWriteMany and
+    read-only for them; two replicas configured as the Deployment configures them write one
+    PostgreSQL log, and the CronJob's trainer.toml reads it (with its runs) from the same URL."""
+    res = k8s_pg_resources()
+    server, trainer = _pod_spec(res["Deployment/chat-server"]), _pod_spec(res["CronJob/chat-trainer"])
+    assert "podAffinity" not in server.get("affinity", {}) and "affinity" not in trainer
+    assert _mounts(server) == {"/app/adapters": ("chat-adapters", True), "/tmp": (None, False)}
+    t_mounts = _mounts(trainer)
+    assert t_mounts["/app/adapters"] == ("chat-adapters", False)  # the one writer
+    assert t_mounts["/app/data"] == ("chat-data", False)  # its cache only
+    assert res["PersistentVolumeClaim/chat-adapters"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    secret = load_yaml_docs(K8S_DIR / "examples" / "postgres-secret.example.yaml")[0]
+    assert set(secret["stringData"]) == {"CHAT_DB_URL"} <= SETTINGS_VARS
+    for pod in (server, trainer):
+        [ref] = [e["valueFrom"]["secretKeyRef"] for e in pod["containers"][0]["env"] if e["name"] == "CHAT_DB_URL"]
+        assert ref == {"name": secret["metadata"]["name"], "key": "CHAT_DB_URL"}
+
+    configmaps = {r["metadata"]["name"]: r for r in res.values() if r["kind"] == "ConfigMap"}
+    logs = []
+    for pod in ("chat-server-7d9f8b6c5d-aaaaa", "chat-server-7d9f8b6c5d-bbbbb"):
+        env = container_env(server, configmaps, pod)
+        assert "CHAT_DB_PATH" not in env and "CHAT_TRAINER_RUNS_DB" not in env
+        for k in [k for k in os.environ if k.startswith("CHAT_")]:
+            monkeypatch.delenv(k)
+        for k, v in {**env, "CHAT_DB_URL": pg_url}.items():  # the Secret's value
+            monkeypatch.setenv(k, v)
+        settings = Settings(_env_file=None)
+        assert settings.log_target == settings.runs_target == pg_url and settings.replica == pod
+        logs.append(ConversationLog(settings.log_target, replica=settings.replica))
+    for i, log in enumerate(logs):
+        for rid in (f"chatcmpl-{i}", "chatcmpl-both"):
+            log.begin({"id": rid, "created_at": time.time() - 60, "model": "house-style", "route": "house-style",
+                       "path_kind": "prompt", "adapters": [], "messages": [{"role": "user", "content": f"q {rid}"}],
+                       "params": {}})
+            log.finish(rid, {"status": "completed", "response": f"answer {rid}", "finish_reason": "stop"})
+        assert log.flush()
+        log.close()
+
+    from trainer.nightly import runs_db
+
+    monkeypatch.setenv("CHAT_DB_URL", pg_url)  # the CronJob's environment
+    cfg = parse_config(tomllib.loads(configmaps["chat-trainer-config"]["data"]["trainer.toml"]), root=Path("/"))
+    assert cfg.logs == (pg_url,) and runs_db(cfg) == pg_url
+    template = ChatTemplate.from_model(BaseModelInfo.load(model_path))
+    got = read_log(list(cfg.logs), cfg.adapter("house-style").source, template)
+    assert sorted(i.answer or "" for i in got.items) == ["answer chatcmpl-0", "answer chatcmpl-1", "answer chatcmpl-both"]

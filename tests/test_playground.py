@@ -75,11 +75,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_path: Path, base_info
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_WAIT_POLICY", "PASSIVE")
         srv = ServerProcess(work, model_path, adapters_dir=adapters, api_keys=[KEY])
-    conn = store.connect(srv.db_path)  # the trainer writes its runs into the server's log file
+    conn = store.open_db(srv.db_path)  # the trainer writes its runs into the server's log file
     for status, version, reason, metrics in RUNS:
         run_id = store.start_trainer_run(conn, ADAPTER)
         store.finish_trainer_run(conn, run_id, status=status, version=version, reason=reason, metrics=metrics)
-    conn.close()
+    conn.dispose()
     yield srv
     srv.stop()
 

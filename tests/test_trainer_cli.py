@@ -14,7 +14,7 @@ import pytest
 
 from server import registry
 from server.gguf_info import BaseModelInfo
-from server.store import connect, finish_trainer_run, start_trainer_run
+from server.store import finish_trainer_run, open_db, start_trainer_run
 from tests.tinymodel import make_tiny_llama
 from trainer.__main__ import build_parser, main, resolve_config
 from trainer.config import DEFAULT_TARGETS, TrainSettings, load_config
@@ -188,11 +188,11 @@ def test_rollback_makes_the_previous_version_current(tmp_path: Path, capsys: pyt
 
 def test_runs_lists_recent_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "conversations.sqlite3"
-    conn = connect(db)
+    conn = open_db(db)
     run = start_trainer_run(conn, "house")
     finish_trainer_run(conn, run, status="rejected", reason="adapter val loss 2.0 > 1.9")
     finish_trainer_run(conn, start_trainer_run(conn, "house"), status="published", version=3)
-    conn.close()
+    conn.dispose()
     assert main(["runs", "--db", str(db)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "published" in lines[1] and "3" in lines[1]
@@ -205,11 +205,11 @@ def test_runs_lists_a_run_whose_metrics_are_not_json(tmp_path: Path, capsys: pyt
     """The CLI reads runs with the server's own reader (GET /v1/runs): a row another process wrote
     badly is shown with empty metrics instead of crashing the listing."""
     db = tmp_path / "conversations.sqlite3"
-    conn = connect(db)
+    conn = open_db(db)
     finish_trainer_run(conn, start_trainer_run(conn, "house"), status="published", version=1)
-    conn.execute("UPDATE trainer_runs SET metrics = '{not json'")
-    conn.commit()
-    conn.close()
+    with conn.begin() as c:
+        c.exec_driver_sql("UPDATE trainer_runs SET metrics = '{not json'")
+    conn.dispose()
     assert main(["runs", "--db", str(db), "--json"]) == 0
     [row] = json.loads(capsys.readouterr().out)
     assert row["status"] == "published" and row["metrics"] == {}

@@ -10,12 +10,13 @@ import json
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from server.chat_template import ChatTemplate
 from server.gguf_info import BaseModelInfo
-from server.store import ConversationLog, connect
+from server.store import ConversationLog
 from trainer.config import AdapterConfig, SourceConfig, TrainerConfig, TrainSettings
 from trainer.dataset import (
     DatasetError,
@@ -180,10 +181,9 @@ def log_exchange(
     log.finish(rid, {"status": status, "response": answer, "finish_reason": finish_reason})
 
 
-@pytest.fixture()
-def log_file(tmp_path: Path) -> Path:
-    path = tmp_path / "conversations.sqlite3"
-    log = ConversationLog(path)
+def fill_log(target: Any) -> Any:
+    """The same twelve exchanges and their feedback, logged through the server's writer."""
+    log = ConversationLog(target)
     log_exchange(log, "r1", "Q1", "good answer 1")
     log_exchange(log, "r2", "Q2", "bad answer 2")
     log.add_feedback("r2", -1, None, "wrong")
@@ -203,15 +203,28 @@ def log_file(tmp_path: Path) -> Path:
     )  # fmt: skip  (never finished: still in_progress)
     log.flush()
     log.close()
-    return path
+    return target
+
+
+@pytest.fixture()
+def log_file(tmp_path: Path) -> Path:
+    return fill_log(tmp_path / "conversations.sqlite3")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_log(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """The filled log on SQLite or on a real PostgreSQL server: the trainer reads both alike."""
+    if request.param == "sqlite":
+        return fill_log(tmp_path / "conversations.sqlite3")
+    return fill_log(request.getfixturevalue("pg_url"))
 
 
 def answers(items: list[Item]) -> list[str | None]:
     return sorted(i.answer or "" for i in items)
 
 
-def test_log_filters_and_drops_with_reasons(log_file: Path, template: ChatTemplate) -> None:
-    got = read_log([log_file], SourceConfig(routes=("house",), window_days=30), template)
+def test_log_filters_and_drops_with_reasons(any_log: Any, template: ChatTemplate) -> None:
+    got = read_log([any_log], SourceConfig(routes=("house",), window_days=30), template)
     assert answers(got.items) == ["answer 11", "corrected answer 3", "good answer 1"]
     assert got.dropped == {
         "rating below 0": 1,
@@ -224,20 +237,20 @@ def test_log_filters_and_drops_with_reasons(log_file: Path, template: ChatTempla
     }
 
 
-def test_min_rating_one_keeps_only_thumbs_up(log_file: Path, template: ChatTemplate) -> None:
-    got = read_log([log_file], SourceConfig(routes=("house",), min_rating=1), template)
+def test_min_rating_one_keeps_only_thumbs_up(any_log: Any, template: ChatTemplate) -> None:
+    got = read_log([any_log], SourceConfig(routes=("house",), min_rating=1), template)
     assert answers(got.items) == ["corrected answer 3"]
 
 
-def test_min_rating_minus_one_keeps_rated_down_and_route_filter_off(log_file: Path, template: ChatTemplate) -> None:
-    got = read_log([log_file], SourceConfig(min_rating=-1), template)
+def test_min_rating_minus_one_keeps_rated_down_and_route_filter_off(any_log: Any, template: ChatTemplate) -> None:
+    got = read_log([any_log], SourceConfig(min_rating=-1), template)
     assert "bad answer 2" in answers(got.items)
     assert "answer on another route" in answers(got.items)
     assert "very old answer" in answers(got.items)  # no window
 
 
-def test_corrected_answer_replaces_the_original(log_file: Path, template: ChatTemplate) -> None:
-    got = read_log([log_file], SourceConfig(routes=("house",)), template)
+def test_corrected_answer_replaces_the_original(any_log: Any, template: ChatTemplate) -> None:
+    got = read_log([any_log], SourceConfig(routes=("house",)), template)
     text = next(i.text for i in got.items if i.answer == "corrected answer 3")
     assert "<|im_start|>assistant\ncorrected answer 3<|im_end|>" in text
     assert all("clumsy answer 3" not in i.text for i in got.items)
@@ -274,7 +287,7 @@ def test_replica_files_are_deduplicated_by_request_id(tmp_path: Path, template: 
 def test_log_is_read_without_writing_and_ignores_uncommitted_rows(
     log_file: Path, tmp_path: Path, template: ChatTemplate
 ) -> None:
-    writer = connect(log_file)
+    writer = sqlite3.connect(log_file, isolation_level=None)
     writer.execute("BEGIN IMMEDIATE")  # the server is mid-write
     writer.execute(
         "INSERT INTO exchanges (id, created_at, status, model, route, path_kind, messages, response)"

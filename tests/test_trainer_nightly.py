@@ -19,7 +19,8 @@ import pytest
 
 from server import registry
 from server.gguf_info import BaseModelInfo
-from server.store import connect
+from server.store import open_db
+from tests.conftest import log_rows
 from tests.tinymodel import make_tiny_llama
 from trainer.config import load_config
 from trainer.nightly import (
@@ -101,12 +102,9 @@ def published(world: Path) -> Outcome:
 
 
 def runs(world: Path) -> list[dict]:
-    conn = connect(world / "conversations.sqlite3", readonly=True)
-    try:
-        cols = ("id", "adapter", "status", "version", "reason", "metrics", "finished_at")
-        rows = conn.execute(f"SELECT {', '.join(cols)} FROM trainer_runs ORDER BY id").fetchall()
-    finally:
-        conn.close()
+    cols = ("id", "adapter", "status", "version", "reason", "metrics", "finished_at")
+    rows = [tuple(r[c] for c in cols) for r in log_rows(world / "conversations.sqlite3",
+                                                         f"SELECT {', '.join(cols)} FROM trainer_runs ORDER BY id")]
     return [dict(zip(cols, r)) | {"metrics": json.loads(r[5] or "{}")} for r in rows]
 
 
@@ -252,9 +250,9 @@ def test_second_run_while_the_lock_is_held_exits_75(world: Path) -> None:
 def test_runs_left_running_by_a_killed_trainer_are_marked_interrupted(world: Path) -> None:
     from server.store import start_trainer_run
 
-    conn = connect(world / "conversations.sqlite3")
+    conn = open_db(world / "conversations.sqlite3")
     run_id = start_trainer_run(conn, "cto")
-    conn.close()
+    conn.dispose()
     run_nightly(load_config(world / "trainer.toml"), only=["starved"], say=lambda m: None)
     row = next(r for r in runs(world) if r["id"] == run_id)
     assert row["status"] == "interrupted" and "died" in row["reason"]

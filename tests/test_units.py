@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import os
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from server import registry
 from server.chat_template import ChatTemplate, ChatTemplateError
 from server.engine import Engine
 from server.routes import RouteTable, RoutesFileError, bucket
-from server.store import connect, migrate
+from server.store import migrate, open_db
 from tests.conftest import make_lora_file
 
 
@@ -174,11 +175,14 @@ def test_stop_string_holdback(text: str, stops: tuple, hold: int) -> None:
 
 
 def test_migrations_are_ordered_and_rerunnable(tmp_path: Path) -> None:
-    conn = connect(tmp_path / "log.sqlite3")
-    assert migrate(conn) == []  # connect already applied everything
+    engine = open_db(tmp_path / "log.sqlite3")
+    assert migrate(engine) == []  # open_db already applied everything
+    engine.dispose()
+    conn = sqlite3.connect(tmp_path / "log.sqlite3")
     names = [r[0] for r in conn.execute("SELECT name FROM schema_migrations ORDER BY name")]
     assert names == ["m001_initial", "m002_trainer_runs"]
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
     assert oct((tmp_path / "log.sqlite3").stat().st_mode & 0o777) == "0o600"
     json.dumps(names)
 
@@ -200,3 +204,38 @@ def test_json_schema_strings_exclude_control_characters() -> None:
     assert [ln for ln in ours.splitlines() if not ln.startswith("char ::=")] == [
         ln for ln in shipped.splitlines() if not ln.startswith("char ::=")
     ]
+
+
+def test_database_errors_worth_a_retry_are_told_from_bad_rows() -> None:
+    """server.db.retryable: an outage (full disk, unreachable or restarting PostgreSQL) holds the
+    rows and retries; a row the database refuses is dropped alone."""
+    import sqlite3 as sq
+
+    import psycopg
+    from sqlalchemy import exc
+
+    from server.db import retryable
+
+    def wrapped(e: Exception) -> exc.DBAPIError:
+        return exc.DBAPIError.instance("INSERT ...", {}, e, Exception)
+
+    assert retryable(wrapped(sq.OperationalError("database or disk is full")))
+    assert not retryable(wrapped(sq.IntegrityError("NOT NULL constraint failed: exchanges.model")))
+    assert retryable(wrapped(psycopg.OperationalError("connection failed: Connection refused")))  # no SQLSTATE
+    assert retryable(wrapped(psycopg.errors.AdminShutdown()))  # 57P01: the server is shutting down
+    assert retryable(wrapped(psycopg.errors.DiskFull()))  # 53100
+    assert not retryable(wrapped(psycopg.errors.UniqueViolation()))  # 23505
+    assert not retryable(wrapped(psycopg.errors.StringDataRightTruncation()))  # 22001
+    assert not retryable(ValueError("not a database error"))
+
+
+def test_db_url_must_be_postgresql() -> None:
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    with pytest.raises(ValidationError, match="CHAT_DB_URL must be a postgresql:// URL"):
+        Settings(_env_file=None, db_url="mysql://u@h/db")
+    s = Settings(_env_file=None, db_url="postgresql://u:p@h:5432/db")
+    assert s.log_target == s.runs_target == "postgresql://u:p@h:5432/db"
+    assert Settings(_env_file=None, trainer_runs_db="runs.sqlite3").runs_target == Path("runs.sqlite3")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sqlite3
 import sys
 import threading
 import time
@@ -74,6 +73,13 @@ def parse_time(value: str) -> float:
 # Arguments
 
 
+def _target(value: str) -> str | Path:
+    """A database on the command line: a PostgreSQL URL as is, anything else a SQLite path."""
+    from server import db
+
+    return value if db.is_url(value) else Path(value)
+
+
 def _common(p: argparse.ArgumentParser, *, overrides: bool = True) -> None:
     p.add_argument("--config", type=Path, help="trainer.toml (flags override it)")
     if not overrides:
@@ -81,8 +87,9 @@ def _common(p: argparse.ArgumentParser, *, overrides: bool = True) -> None:
     g = p.add_argument_group("paths (override the config file)")
     g.add_argument("--base-model", type=Path, help="base GGUF model")
     g.add_argument("--db", action="append", dest="logs", metavar="PATH_OR_GLOB",
-                   help="conversation log SQLite file or glob (repeatable; replaces the config's list)")  # fmt: skip
-    g.add_argument("--runs-db", type=Path, help="database that receives trainer_runs rows")
+                   help="conversation log: SQLite file or glob, or postgresql:// URL (repeatable; replaces the "
+                        "config's list)")  # fmt: skip
+    g.add_argument("--runs-db", type=_target, help="SQLite file or postgresql:// URL that receives trainer_runs rows")
     g.add_argument("--adapters-dir", type=Path)
     g.add_argument("--cache-dir", type=Path)
     g.add_argument("--threads", type=int)
@@ -166,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("runs", help="list recent trainer runs")
     _common(p, overrides=False)
-    p.add_argument("--db", type=Path, dest="runs_db", help="database holding trainer_runs")
+    p.add_argument("--db", type=_target, dest="runs_db", help="SQLite file or postgresql:// URL holding trainer_runs")
     p.add_argument("--adapter", help="only this adapter")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
@@ -375,22 +382,22 @@ def _fmt_time(t: float | None) -> str:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from server.store import connect, recent_trainer_runs
+    from server import db
+    from server.store import read_trainer_runs
 
-    path = args.runs_db
-    if path is None:
+    target = args.runs_db
+    if target is None:
         cfg = load_config(args.config) if args.config else TrainerConfig()
-        path = runs_db(cfg)
-    if not Path(path).exists():
-        print(f"no runs recorded yet ({path} does not exist)")
+        target = runs_db(cfg)
+    if not db.exists(target):
+        print(f"no runs recorded yet ({target} does not exist)")
         return EXIT_OK
-    conn = connect(path, readonly=True)
     try:
-        rows = recent_trainer_runs(conn, limit=args.limit, adapter=args.adapter)
-    except sqlite3.OperationalError:
-        rows = []
-    finally:
-        conn.close()
+        rows = read_trainer_runs(target, limit=args.limit, adapter=args.adapter)
+    except db.ERRORS as e:
+        print(f"cannot read the runs from {db.describe(target)}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    path = db.describe(target)
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK

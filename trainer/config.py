@@ -22,11 +22,13 @@ Layout of `trainer.toml` (see `trainer.toml.example` and docs/trainer.md)::
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from server import db  # noqa: E402
 from server.registry import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS  # noqa: E402
 OPTIMIZERS = ("sgd", "adamw")
 METHODS = ("lora", "full")
@@ -178,9 +180,9 @@ class TrainerConfig:
 
     base_model: Path = Path("models/SmolLM2-135M-Instruct.Q4_1.gguf")
     logs: tuple[str, ...] = ("data/conversations.sqlite3",)
-    """Conversation log files (paths or globs)."""
-    runs_db: Path | None = None
-    """Where `trainer_runs` rows go; None: the first log file."""
+    """Conversation logs: SQLite files (paths or globs) or PostgreSQL URLs (`$VAR` is expanded)."""
+    runs_db: str | Path | None = None
+    """Where `trainer_runs` rows go (a SQLite path or a PostgreSQL URL); None: the first log."""
     adapters_dir: Path = Path("adapters")
     cache_dir: Path = Path("data/trainer-cache")
     lock_file: Path | None = None
@@ -197,14 +199,6 @@ class TrainerConfig:
     @property
     def lock_path(self) -> Path:
         return self.lock_file if self.lock_file is not None else self.cache_dir / "nightly.lock"
-
-    def runs_db_path(self, log_files: list[Path] | None = None) -> Path:
-        """The database that receives trainer runs: `runs_db`, else the first log file."""
-        if self.runs_db is not None:
-            return self.runs_db
-        if log_files:
-            return log_files[0]
-        return Path(self.logs[0]) if self.logs else Path("data/conversations.sqlite3")
 
     def adapter(self, name: str) -> AdapterConfig:
         for a in self.adapters:
@@ -309,6 +303,13 @@ def _resolve(path: Path, root: Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
+def _log_target(value: str, root: Path) -> str | Path:
+    """A log named in the config: `$VAR`s expanded (a URL with its password can come from the
+    environment, e.g. `logs = ["$CHAT_DB_URL"]`); a PostgreSQL URL as is, a path resolved."""
+    value = os.path.expandvars(value)
+    return value if db.is_url(value) else _resolve(Path(value), root)
+
+
 def parse_config(data: Mapping[str, Any], *, source: Path | None = None, root: Path | None = None) -> TrainerConfig:
     """Build a `TrainerConfig` from parsed TOML. Relative paths resolve against `root`
     (the directory holding the file). Raises one `ConfigError` listing every problem."""
@@ -333,11 +334,13 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None, root: P
     for name, table in adapters_table.items():
         adapters.append(_parse_adapter(name, table, f"{where}: [adapters.{name}]", root, problems))
 
-    for key in ("base_model", "adapters_dir", "cache_dir", "runs_db", "lock_file"):
+    for key in ("base_model", "adapters_dir", "cache_dir", "lock_file"):
         if isinstance(top.get(key), Path):
             top[key] = _resolve(top[key], root)
+    if isinstance(top.get("runs_db"), str):
+        top["runs_db"] = _log_target(top["runs_db"], root)
     if "logs" in top:
-        top["logs"] = tuple(str(_resolve(Path(p), root)) for p in top["logs"])
+        top["logs"] = tuple(str(_log_target(p, root)) for p in top["logs"])
     cfg = TrainerConfig(**top, adapters=tuple(adapters), source_file=source)
     problems.extend(validate(cfg))
     if problems:

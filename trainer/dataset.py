@@ -24,7 +24,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import sqlite3
 import tempfile
 import time
 from collections import Counter
@@ -33,6 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+from sqlalchemy import exc
+
+from server import db
 from server.chat_template import ChatTemplate, ChatTemplateError
 from trainer.config import AdapterConfig, SourceConfig, TrainerConfig
 
@@ -261,13 +264,18 @@ def _jsonl_item(
     )
 
 
-def expand_paths(patterns: Iterable[str | Path]) -> tuple[list[Path], list[str]]:
-    """Expand globs, keep literal paths; returns (existing files sorted, notes about misses)."""
+def expand_paths(patterns: Iterable[str | Path]) -> tuple[list[db.Target], list[str]]:
+    """Expand globs, keep literal paths and PostgreSQL URLs; returns (existing files sorted, and
+    URLs, in order; notes about misses)."""
     files: list[Path] = []
+    urls: list[str] = []
     notes: list[str] = []
     for pattern in patterns:
         p = str(pattern)
-        if glob.has_magic(p):
+        if db.is_url(p):
+            if p not in urls:
+                urls.append(p)
+        elif glob.has_magic(p):
             matches = sorted(Path(m) for m in glob.glob(p))
             if not matches:
                 notes.append(f"{p}: no files match")
@@ -283,7 +291,7 @@ def expand_paths(patterns: Iterable[str | Path]) -> tuple[list[Path], list[str]]
         if r not in seen:
             seen.add(r)
             unique.append(f)
-    return unique, notes
+    return [*unique, *urls], notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,21 +315,11 @@ class LogRead:
     until: float | None = None
 
 
-def _open_readonly(path: Path) -> sqlite3.Connection:
-    from server.store import connect
-
-    return connect(path, readonly=True)
-
-
 def _snapshot(path: Path, into_dir: Path) -> Path:
-    """A consistent copy of a live WAL database made by SQLite itself (`VACUUM INTO`)."""
+    """A consistent copy of a live WAL SQLite file made by SQLite itself (`VACUUM INTO`)."""
     into_dir.mkdir(parents=True, exist_ok=True)
     target = Path(tempfile.mkdtemp(prefix="snapshot-", dir=into_dir)) / path.name
-    conn = _open_readonly(path)
-    try:
-        conn.execute("VACUUM INTO ?", (str(target),))
-    finally:
-        conn.close()
+    db.copy_sqlite(path, target)
     return target
 
 
@@ -377,7 +375,7 @@ def read_log(
     for row in sorted(rows.values(), key=lambda r: (r["created_at"], r["id"])):
         fb = feedback.get(row["id"])
         rating, corrected = (fb[3], fb[4]) if fb else (0, None)
-        origin = f"{row['_file']}#{row['id']}"
+        origin = f"{db.describe(row['_file'])}#{row['id']}"
         if row["status"] != "completed":
             result.dropped[f"status {row['status']}"] += 1
             continue
@@ -443,50 +441,48 @@ def read_log(
 
 
 def _read_one(
-    path: Path, source: SourceConfig, since: float | None, until: float | None, snapshot_dir: Path | None
+    target: db.Target, source: SourceConfig, since: float | None, until: float | None, snapshot_dir: Path | None
 ) -> Iterable[tuple[str, Any]]:
+    """Every matching exchange and all feedback of one log, read in one consistent snapshot (a
+    SQLite read transaction, or a copy with `snapshot_dir`; PostgreSQL's REPEATABLE READ)."""
+    name = db.describe(target)
     snap: Path | None = None
     try:
-        if snapshot_dir is not None:
-            snap = _snapshot(path, snapshot_dir)
-            conn = _open_readonly(snap)
-        else:
-            conn = _open_readonly(path)
-    except sqlite3.Error as exc:
-        raise DatasetError([f"{path}: cannot open the conversation log read-only: {exc}"]) from exc
+        if snapshot_dir is not None and not db.is_url(target):
+            snap = _snapshot(Path(target), snapshot_dir)
+        engine = db.open_engine(snap or target, readonly=True)
+    except (*db.ERRORS, OSError) as e:
+        raise DatasetError([f"{name}: cannot open the conversation log read-only: {e}"]) from e
+    from server.store import exchanges as x
+    from server.store import feedback as f
+
+    q = sa.select(*(x.c[k] for k in _EXCHANGE_COLUMNS))
+    for column, values in (("route", source.routes), ("adapter_name", source.adapter_names),
+                           ("path_kind", source.path_kinds)):  # fmt: skip
+        if values:
+            q = q.where(x.c[column].in_(values))
+    if since is not None:
+        q = q.where(x.c.created_at >= since)
+    if until is not None:
+        q = q.where(x.c.created_at < until)
     try:
-        conn.execute("BEGIN")  # one read transaction: a consistent view while the server writes
-        where, args = ["1=1"], []
-        for column, values in (
-            ("route", source.routes),
-            ("adapter_name", source.adapter_names),
-            ("path_kind", source.path_kinds),
-        ):
-            if values:
-                where.append(f"{column} IN ({', '.join('?' * len(values))})")
-                args.extend(values)
-        if since is not None:
-            where.append("created_at >= ?")
-            args.append(since)
-        if until is not None:
-            where.append("created_at < ?")
-            args.append(until)
-        try:
-            cur = conn.execute(
-                f"SELECT {', '.join(_EXCHANGE_COLUMNS)} FROM exchanges WHERE {' AND '.join(where)}", args
-            )
-            exchanges = [dict(zip(_EXCHANGE_COLUMNS, r)) for r in cur]
-            fb = conn.execute("SELECT response_id, created_at, id, rating, corrected FROM feedback").fetchall()
-        except sqlite3.Error as exc:
-            raise DatasetError([f"{path}: not a conversation log ({exc})"]) from exc
-        conn.execute("COMMIT")
+        with db.snapshot(engine) as c:  # one read transaction: a consistent view while servers write
+            exchanges = [dict(r._mapping) for r in c.execute(q)]
+            fb = [tuple(r) for r in c.execute(sa.select(f.c.response_id, f.c.created_at, f.c.id, f.c.rating,
+                                                        f.c.corrected))]
+    except exc.OperationalError as e:
+        if db.retryable(e):
+            raise DatasetError([f"{name}: cannot read the conversation log: {e.orig}"]) from e
+        raise DatasetError([f"{name}: not a conversation log ({e.orig})"]) from e
+    except exc.DBAPIError as e:
+        raise DatasetError([f"{name}: not a conversation log ({e.orig})"]) from e
     finally:
-        conn.close()
+        engine.dispose()
         if snap is not None:
             snap.unlink(missing_ok=True)
             snap.parent.rmdir()
     for r in fb:
-        yield "feedback", tuple(r)
+        yield "feedback", r
     for e in exchanges:
         yield "exchange", e
 

@@ -28,7 +28,6 @@ import fcntl
 import json
 import os
 import signal
-import sqlite3
 import threading
 import time
 import traceback
@@ -37,6 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from server.db import Target
 from trainer.config import AdapterConfig, TrainerConfig
 from trainer.dataset import Dataset, TokenCounter, build_dataset, expand_paths
 
@@ -131,9 +134,9 @@ def exit_code(outcomes: Sequence[Outcome]) -> int:
     return EXIT_OK
 
 
-def runs_db(cfg: TrainerConfig) -> Path:
-    """Where run records go: `runs_db`, else the first existing log file, else the first log path
-    without wildcards, else `<cache_dir>/trainer_runs.sqlite3`."""
+def runs_db(cfg: TrainerConfig) -> Target:
+    """Where run records go: `runs_db`, else the first existing log (a PostgreSQL log counts),
+    else the first log path without wildcards, else `<cache_dir>/trainer_runs.sqlite3`."""
     if cfg.runs_db is not None:
         return cfg.runs_db
     files, _ = expand_paths(cfg.logs)
@@ -145,13 +148,13 @@ def runs_db(cfg: TrainerConfig) -> Path:
     return cfg.cache_dir / "trainer_runs.sqlite3"
 
 
-def open_runs_db(cfg: TrainerConfig) -> sqlite3.Connection:
-    from server.store import connect
+def open_runs_db(cfg: TrainerConfig) -> Engine:
+    from server.store import open_db
 
-    return connect(runs_db(cfg))
+    return open_db(runs_db(cfg))
 
 
-def mark_stale_runs(conn: sqlite3.Connection, adapters: Sequence[str], adapters_dir: Path | None = None) -> int:
+def mark_stale_runs(conn: Engine, adapters: Sequence[str], adapters_dir: Path | None = None) -> int:
     """Rows of our adapters still `running` while we hold the lock were left by a killed process.
 
     A process killed after its publish made the new version current has really published: the
@@ -163,10 +166,12 @@ def mark_stale_runs(conn: sqlite3.Connection, adapters: Sequence[str], adapters_
 
     if not adapters:
         return 0
-    marks = ", ".join("?" * len(adapters))
-    stale = conn.execute(
-        f"SELECT id, adapter FROM trainer_runs WHERE status = 'running' AND adapter IN ({marks})", list(adapters)
-    ).fetchall()
+    from server.store import trainer_runs as t
+
+    with conn.connect() as c:
+        stale = c.execute(
+            sa.select(t.c.id, t.c.adapter).where(t.c.status == "running", t.c.adapter.in_(list(adapters)))
+        ).fetchall()
     for run_id, name in stale:
         mine = None
         if adapters_dir is not None:
@@ -230,7 +235,7 @@ def stop_after_steps(stop: threading.Event, steps: int) -> Progress:
 def run_adapter(
     cfg: TrainerConfig,
     adapter: AdapterConfig,
-    conn: sqlite3.Connection,
+    conn: Engine,
     *,
     stop: threading.Event,
     say: Say,
@@ -606,5 +611,5 @@ def run_nightly(
                                 count_tokens=count_tokens, now=now)  # fmt: skip
                 )
         finally:
-            conn.close()
+            conn.dispose()
     return outcomes

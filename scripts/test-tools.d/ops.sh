@@ -4,6 +4,7 @@
 #   promtool, prometheus  unpacked from Debian's `prometheus` package (`apt-get download` +
 #                         `dpkg-deb -x`: the binaries only, so no daemon is installed or started)
 #   dclint                from npm: a Docker Compose linter that ships the compose-spec JSON schema
+#   kubectl kustomize     checked, not installed: renders the deploy/k8s-postgresql overlay
 #
 # The Python side (kubernetes-validate with its offline schemas, jsonschema, PyYAML) is in the
 # `test` extra of pyproject.toml. Fast when everything is already there.
@@ -28,4 +29,10 @@ if [ "$("$BIN/dclint" --version 2>/dev/null || true)" != "$DCLINT_VERSION" ]; th
   npm install --silent --no-audit --no-fund --prefix "$PWD/.venv/node" "dclint@$DCLINT_VERSION"
   ln -sf ../node/node_modules/.bin/dclint "$BIN/dclint"
   echo "ops.sh: installed dclint $("$BIN/dclint" --version)"
+fi
+
+# kubectl's built-in kustomize renders deploy/k8s-postgresql (an overlay) for tests/test_ops.py;
+# it comes with the machine image (google-cloud-sdk), it is not installed from here
+if ! kubectl kustomize --help >/dev/null 2>&1; then
+  echo "ops.sh: WARNING: kubectl with kustomize is missing; the deploy/k8s-postgresql tests will fail" >&2
 fi
