@@ -37,7 +37,7 @@ $(VENV)/.installed: pyproject.toml $(WHEELHOUSE)/.built $(VENV)/.wheelhouse
 	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall --no-index --find-links $(WHEELHOUSE) \
 		llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(BIN)/python -m pip install --find-links $(WHEELHOUSE) -e '.[test]'
-	$(BIN)/python -c "import llama_cpp.llama_cpp as C; import sys; sys.exit(0 if not C.llama_print_system_info().decode().count('LLAMAFILE = 1') else 'llama-cpp-python was built with llamafile: run make clean')"
+	$(BIN)/python -c "import llama_cpp.llama_cpp as C; import sys; info = C.llama_print_system_info().decode(); sys.exit('llama-cpp-python was built with llamafile: run make clean' if 'LLAMAFILE = 1' in info else 'llama-cpp-python was built with AMX kernels (scripts/build_llama_wheel.sh): run make clean' if 'AMX_INT8 = 1' in info else 0)"
 	touch $@
 
 $(BIN)/python:

@@ -20,5 +20,15 @@ for p in "$root"/patches/llama-cpp-python-"$version"-*.patch; do
     echo "applying $(basename "$p")"
     patch -p1 --forward --silent -d "$src" < "$p"
 done
+# No AMX kernels on x86-64: ggml's AMX matmul (ggml_backend_amx_mul_mat) segfaults in the first
+# decode on Sapphire Rapids-class machines, ours among them (a 2-core VM whose CPU reports
+# amx_tile/amx_int8): llama.cpp issue #20824, open and unfixed; dspy dropped its AMX build for the
+# same crash (stanfordnlp/dspy#10079). GGML_NATIVE's -march=native turns AMX on whenever the CPU has
+# it; explicit -mno-amx-* flags win over -march in GCC and Clang, so ggml builds without the AMX
+# buffer type and uses its AVX-512/AVX2 kernels instead.
+if [ "$(uname -m)" = x86_64 ]; then
+    export CFLAGS="${CFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    export CXXFLAGS="${CXXFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
 mkdir -p "$wheelhouse"
 "$py" -m pip wheel --no-deps --no-cache-dir "$src" -w "$wheelhouse"
