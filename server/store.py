@@ -135,10 +135,19 @@ def open_db(target: db.Target, *, readonly: bool = False) -> Engine:
     if not readonly:
         try:
             migrate(engine)
+        except exc.DBAPIError as e:
+            engine.dispose()
+            # at start-up a wrong URL, password or path fails fast, with the database named (its
+            # password masked); an outage after start is held and retried by ConversationLog
+            raise LogUnavailable(f"cannot open the conversation log {db.describe(target)}: {e.orig}") from e
         except BaseException:
             engine.dispose()
             raise
     return engine
+
+
+class LogUnavailable(RuntimeError):
+    """The log's database cannot be opened or migrated (at start-up)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -116,8 +116,9 @@ def test_json_mode_and_a_gbnf_grammar_constrain_the_answer(server: ServerProcess
 
 def test_the_examples_house_style_grammar_guarantees_the_format_on_the_base(server: ServerProcess) -> None:
     """The third way to a format (issue 11): the fractional-CTO example's GBNF grammar on the bare
-    base, prompted with the example's system prompt. Every answer is in the house structure; the
-    grammar cannot make the content good (compare.py reports the share with distinct reasons)."""
+    base, prompted with the example's system prompt. Its lines are bounded, so within 600 tokens
+    every answer ends in the house structure; the grammar cannot make the content good (compare.py
+    reports the share with distinct reasons)."""
     import sys
 
     example = ROOT / "examples" / "fractional-cto"
@@ -134,7 +135,7 @@ def test_the_examples_house_style_grammar_guarantees_the_format_on_the_base(serv
     for question in ("Should we rewrite our PHP app in Go?", "Is it time to hire a CTO?"):
         r = client.chat.completions.create(
             model="base", messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
-            max_tokens=200, temperature=0, extra_body={"grammar": grammar},
+            max_tokens=600, temperature=0, extra_body={"grammar": grammar},  # the grammar's bound: 570 characters
         )  # fmt: skip
         assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
         assert is_house_style(r.choices[0].message.content), r.choices[0].message.content

@@ -232,3 +232,13 @@ def test_trainer_runs_command_reads_postgres(pg_url: str, capsys: pytest.Capture
     assert main(["runs", "--db", pg_url, "--json"]) == 0
     [row] = json.loads(capsys.readouterr().out)
     assert (row["adapter"], row["status"], row["version"]) == ("house", "published", 4)
+
+
+def test_an_unreachable_database_at_start_up_fails_fast_and_names_it(own_postgres) -> None:
+    from server.store import LogUnavailable, open_db
+
+    url = own_postgres.create_database("gone").replace("chat@", "chat:secret@")
+    own_postgres.stop("fast")
+    with pytest.raises(LogUnavailable, match=r"cannot open the conversation log postgresql\+psycopg://chat:\*\*\*@") as e:
+        open_db(url)
+    assert "secret" not in str(e.value)
