@@ -35,15 +35,11 @@ class _TrainerRuns(Collector):
         version = GaugeMetricFamily(
             "trainer_last_run_version", "Version published by the last run (0 when none)", labels=["adapter"]
         )
-        runs: list[dict] = []
-        if db.exists(self.target):
-            engine = db.open_engine(self.target, readonly=True)
-            try:
-                runs = store.last_trainer_runs(engine)
-            except Exception:  # noqa: BLE001 - a scrape never fails for the trainer's records
-                log.warning("cannot read the trainer's runs from %s", db.describe(self.target), exc_info=True)
-            finally:
-                engine.dispose()
+        try:
+            runs = store.read_trainer_runs(self.target, latest=True)
+        except Exception:  # noqa: BLE001 - a scrape never fails for the trainer's records
+            log.warning("cannot read the trainer's runs from %s", db.describe(self.target), exc_info=True)
+            runs = []
         for run in runs:
             ts.add_metric([run["adapter"]], run["started_at"])
             for s in TRAINER_STATUSES:

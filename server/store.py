@@ -181,7 +181,16 @@ def finish_trainer_run(
 _RUN_COLUMNS = ("id", "adapter", "started_at", "finished_at", "status", "version", "reason", "metrics")
 
 
-def _run_rows(rows: Any) -> list[dict[str, Any]]:
+def _runs(engine: Engine, query: sa.Select) -> list[dict[str, Any]]:
+    """Run rows as dicts, metrics parsed; [] for a log older than the trainer_runs migration."""
+    try:
+        with engine.connect() as c:
+            rows = c.execute(query).fetchall()
+    except exc.DBAPIError as e:
+        text = str(e.orig).lower()
+        if "no such table" in text or "does not exist" in text:
+            return []
+        raise
     out = []
     for row in rows:
         d = dict(row._mapping)
@@ -193,50 +202,30 @@ def _run_rows(rows: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _no_runs_table(e: exc.DBAPIError) -> bool:
-    """A log older than the trainer_runs migration (or not yet migrated): no runs, not an error."""
-    text = str(e.orig).lower()
-    return "no such table" in text or "does not exist" in text
-
-
 def last_trainer_runs(engine: Engine) -> list[dict[str, Any]]:
     """The latest run per adapter."""
     t = trainer_runs
     newest = sa.select(sa.func.max(t.c.id)).group_by(t.c.adapter).scalar_subquery()
     cols = [t.c[k] for k in _RUN_COLUMNS if k != "id"]
-    try:
-        with engine.connect() as c:
-            rows = c.execute(sa.select(*cols).where(t.c.id.in_(newest)).order_by(t.c.adapter)).fetchall()
-    except exc.DBAPIError as e:
-        if _no_runs_table(e):
-            return []
-        raise
-    return _run_rows(rows)
+    return _runs(engine, sa.select(*cols).where(t.c.id.in_(newest)).order_by(t.c.adapter))
 
 
 def recent_trainer_runs(engine: Engine, *, limit: int = 20, adapter: str | None = None) -> list[dict[str, Any]]:
     """The newest `limit` runs, newest first, optionally of one adapter (read by GET /v1/runs)."""
     t = trainer_runs
     q = sa.select(*(t.c[k] for k in _RUN_COLUMNS)).order_by(t.c.id.desc()).limit(limit)
-    if adapter is not None:
-        q = q.where(t.c.adapter == adapter)
-    try:
-        with engine.connect() as c:
-            rows = c.execute(q).fetchall()
-    except exc.DBAPIError as e:
-        if _no_runs_table(e):
-            return []
-        raise
-    return _run_rows(rows)
+    return _runs(engine, q if adapter is None else q.where(t.c.adapter == adapter))
 
 
-def read_trainer_runs(target: db.Target, *, limit: int = 20, adapter: str | None = None) -> list[dict[str, Any]]:
-    """`recent_trainer_runs` of the log at `target`, read-only; [] when there is no log yet."""
+def read_trainer_runs(target: db.Target, *, limit: int = 20, adapter: str | None = None,
+                      latest: bool = False) -> list[dict[str, Any]]:
+    """The runs of the log at `target`, read-only: `recent_trainer_runs`, or with `latest` the
+    latest run per adapter (`last_trainer_runs`); [] when there is no log yet."""
     if not db.exists(target):
         return []
     engine = db.open_engine(target, readonly=True)
     try:
-        return recent_trainer_runs(engine, limit=limit, adapter=adapter)
+        return last_trainer_runs(engine) if latest else recent_trainer_runs(engine, limit=limit, adapter=adapter)
     finally:
         engine.dispose()
 
@@ -300,7 +289,6 @@ class ConversationLog:
         retry_min_s: float = 0.25,
         retry_max_s: float = 5.0,
     ) -> None:
-        self._target = target
         self._replica = replica
         self._retention_s = retention_days * 86400
         self.max_pending_rows = max_pending_rows
@@ -328,10 +316,6 @@ class ConversationLog:
         self._queue.put(("interrupted", time.time()))
         self._thread = threading.Thread(target=self._run, name="conversation-log", daemon=True)
         self._thread.start()
-
-    @property
-    def target(self) -> db.Target:
-        return self._target
 
     def begin(self, row: dict[str, Any]) -> None:
         row = {**row, "status": "in_progress", "replica": self._replica}
@@ -386,9 +370,6 @@ class ConversationLog:
                 sa.select(exchanges.c.route, exchanges.c.path_kind).where(exchanges.c.id == db.text(exchange_id))
             ).first()
         return (row[0], row[1]) if row else None
-
-    def exchange_exists(self, exchange_id: str) -> bool:
-        return self.exchange_route(exchange_id) is not None
 
     # ------------------------------------------------------------------ the writer thread
 
