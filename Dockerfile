@@ -27,6 +27,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 FROM build-${GPU} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY adapter_chat adapter_chat
 COPY server server
 COPY trainer trainer
 COPY scripts scripts

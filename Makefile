@@ -60,16 +60,17 @@ serve: setup
 test-tools: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/setup_test_tools.sh
 
-test: setup test-tools
+test: setup test-tools lint
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
-# Lint with the project's ruff config (pyproject.toml); not part of `make test`.
-lint: setup
-	$(BIN)/pip install -q 'ruff>=0.6'
+# ruff with the project's config, then the import contracts (pyproject.toml [tool.importlinter]):
+# server/ and trainer/ stand on adapter_chat/ and never import each other. `make test` runs it first.
+lint: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 # The fractional-CTO example end to end: its data, one nightly for cto-house-style (train, gate,
 # publish into ./adapters), then the server with the example's routes: open /playground and put

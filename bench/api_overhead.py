@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_serve import DEFAULT_MODEL  # noqa: E402
-from server.chat_template import ChatTemplate  # noqa: E402
-from server.engine import Engine, EngineConfig  # noqa: E402
-from server.gguf_info import BaseModelInfo  # noqa: E402
-from server.sampling import SamplingParams, json_schema_grammar  # noqa: E402
+from adapter_chat.chat_template import ChatTemplate  # noqa: E402
+from adapter_chat.engine import Engine, EngineConfig  # noqa: E402
+from adapter_chat.gguf_info import BaseModelInfo  # noqa: E402
+from adapter_chat.sampling import SamplingParams, json_schema_grammar  # noqa: E402
 
 SCHEMA = {
     "type": "object",

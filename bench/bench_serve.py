@@ -51,9 +51,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server import registry  # noqa: E402
-from server.chat_template import ChatTemplate  # noqa: E402
-from server.gguf_info import BaseModelInfo  # noqa: E402
+from adapter_chat import registry  # noqa: E402
+from adapter_chat.chat_template import ChatTemplate  # noqa: E402
+from adapter_chat.gguf_info import BaseModelInfo  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 WORK = ROOT / "bench" / ".work"

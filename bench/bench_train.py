@@ -66,8 +66,8 @@ def load_conversations(n: int = 600) -> list[list[dict[str, str]]]:
 
 
 def render(convs: list[list[dict[str, str]]]) -> list[str]:
-    from server.chat_template import ChatTemplate
-    from server.gguf_info import BaseModelInfo
+    from adapter_chat.chat_template import ChatTemplate
+    from adapter_chat.gguf_info import BaseModelInfo
 
     template = ChatTemplate.from_model(BaseModelInfo.load(BASE, sha256="-"))
     return [template.render(m, add_generation_prompt=False) for m in convs]

@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_serve import DEFAULT_MODEL, task_messages, make_lora_file  # noqa: E402
-from server import engine as E  # noqa: E402
-from server.chat_template import ChatTemplate  # noqa: E402
-from server.gguf_info import BaseModelInfo  # noqa: E402
+from adapter_chat import engine as E  # noqa: E402
+from adapter_chat.chat_template import ChatTemplate  # noqa: E402
+from adapter_chat.gguf_info import BaseModelInfo  # noqa: E402
 
 
 class Trace(E._NullObserver):

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server import engine as E  # noqa: E402
+from adapter_chat import engine as E  # noqa: E402
 
 C = E.C
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"

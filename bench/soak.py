@@ -61,7 +61,7 @@ def pct(values: list[float], q: float) -> float | None:
 
 def start_server(work: Path, parallel: int) -> tuple[subprocess.Popen, str, Path]:
     from scripts.fetch_model import fetch
-    from server.gguf_info import BaseModelInfo
+    from adapter_chat.gguf_info import BaseModelInfo
     from tests.conftest import free_port, publish_lora
 
     model = fetch()

@@ -325,7 +325,7 @@ Machine: {meta['machine']}. The machine was shared with other engineers' benchma
 | hostile content `"\\ud800"` | the log writer thread died on a lone surrogate (UnicodeEncodeError); **every later row was lost** while the server kept answering | surrogates become U+FFFD before SQLite; the writer survives any exception |
 | slow sender abandoning its body | logged as `ERROR HTTP 500` | logged at info, no error |
 | SIGTERM with streams in flight | sse-starlette cut every stream at once (no `[DONE]`, row not completed) | 25 s shutdown grace for SSE responses, inside uvicorn's 30 s drain |
-| log on a full disk | a write failing with "database or disk is full" was logged and the row dropped: 55 of 60 rows lost on a filled tmpfs, nothing counted | the writer holds rows in memory and retries; bound, count, recovery without restart (`server/store.py`) |
+| log on a full disk | a write failing with "database or disk is full" was logged and the row dropped: 55 of 60 rows lost on a filled tmpfs, nothing counted | the writer holds rows in memory and retries; bound, count, recovery without restart (`adapter_chat/store.py`) |
 | publish on a full disk | ENOSPC left `.v<N>.gguf.tmp` or a manifest-less `v<N>.gguf` behind, taking the space | an error before CURRENT is renamed removes every trace of the new version; the next publish also removes a killed publisher's leftovers |
 | rollback during a publish | `rollback` chose the version outside the publish lock | decided and written under the lock |
 | power loss between renames | the folder was fsynced only after the last rename, so the manifest's rename could reach the disk before the weights' | the folder is fsynced after each rename (SIGKILL tests cannot show this one; it follows from POSIX) |
@@ -341,7 +341,7 @@ Machine: {meta['machine']}. The machine was shared with other engineers' benchma
    requests 101.9 s vs 1.3 s (same machine, minutes apart; `OMP_WAIT_POLICY=PASSIVE` or `n_threads=1`
    gives the fast numbers). `/ready` kept answering "ready" because steps still finished, just slowly.
    Every server this suite starts sets `OMP_WAIT_POLICY=PASSIVE`. Proposed patch, top of
-   `server/engine.py`, before `import llama_cpp` (libgomp reads it when it loads):
+   `adapter_chat/engine.py`, before `import llama_cpp` (libgomp reads it when it loads):
 
    ```python
    import os
@@ -360,7 +360,7 @@ Machine: {meta['machine']}. The machine was shared with other engineers' benchma
    the README's configuration table says so.
 5. **Fixed: a corrupted adapter file could be loaded after an LRU eviction.** A byte flipped in place
    with the mtime restored went unseen (the watch and the sha256 cache keyed on mtime, size and inode)
-   and, after an eviction, was handed to llama.cpp unchecked and served. `AdapterPool._load` now
+   and, after an eviction, was handed to llama.cpp unchecked and served. `AdapterCache._load` (server/adapter_cache.py) now
    re-checks the sha256 right before llama.cpp loads a version, and the watch and the cache key on
    ctime too; `test_flipped_byte_with_the_mtime_kept_is_refused_when_the_version_is_loaded_again`
    (a strict xfail before) passes.

@@ -22,10 +22,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from server import registry
-from server.engine import probe_adapter
+from adapter_chat import registry
+from adapter_chat.engine import probe_adapter
+from adapter_chat.gguf_info import BaseModelInfo
 from server.errors import Conflict, InvalidRequest, PayloadTooLarge
-from server.gguf_info import BaseModelInfo
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 

@@ -33,13 +33,16 @@ from litestar.types import ASGIApp
 from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
 
-from server import adapter_upload, db, protocol
+from adapter_chat import db
+from adapter_chat.chat_template import ChatTemplate
+from adapter_chat.engine import Engine, EngineConfig
+from adapter_chat.gguf_info import BaseModelInfo
+from adapter_chat.store import ConversationLog, read_trainer_runs
+from server import adapter_upload, protocol, tools
 from server.adapter_pool import AdapterPool
-from server import tools
 from server.chat import BASE_ALIASES, ChatService
-from server.chat_template import ChatTemplate
-from server.engine import Engine, EngineConfig
 from server.errors import (
+    MAPPED_DOMAIN_ERRORS,
     APIError,
     AuthenticationFailed,
     Conflict,
@@ -49,12 +52,11 @@ from server.errors import (
     ServiceUnavailable,
     body_for,
     error_body,
+    from_domain,
 )
-from server.gguf_info import BaseModelInfo
 from server.metrics import Metrics
-from server.routes import RouteTable, RoutesFileError
+from server.routes import RoutesFileError, RouteTable
 from server.settings import Settings
-from server.store import ConversationLog, read_trainer_runs
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,10 @@ def auth_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
 
 def _api_error(request: Request, exc: APIError) -> Response:
     return Response(body_for(exc), status_code=exc.status, headers=exc.headers)
+
+
+def _domain_error(request: Request, exc: Exception) -> Response:
+    return _api_error(request, from_domain(exc))
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -617,7 +623,8 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers=[*HANDLERS, playground_router()],
         lifespan=[lifespan],
         guards=[auth_guard],
-        exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
+        exception_handlers={APIError: _api_error, **{c: _domain_error for c in MAPPED_DOMAIN_ERRORS},
+                            HTTPException: _http_error, Exception: _unexpected},
         request_max_body_size=settings.max_body_bytes,
         cors_config=cors,
         allowed_hosts=settings.allowed_hosts or None,

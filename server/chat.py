@@ -15,19 +15,25 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from server import registry, tools
-from server.adapter_pool import AdapterPool, Lease
-from server.chat_template import ChatTemplate, ChatTemplateError
-from server.engine import Engine, GenerationStream
-from server.sampling import (
-    JSON_OBJECT_GRAMMAR, GrammarError, SamplingParams, TokenLogprob, check_grammar, json_schema_grammar,
+from adapter_chat import registry
+from adapter_chat.chat_template import ChatTemplate, ChatTemplateError
+from adapter_chat.engine import Engine, GenerationStream
+from adapter_chat.sampling import (
+    JSON_OBJECT_GRAMMAR,
+    GrammarError,
+    SamplingParams,
+    TokenLogprob,
+    check_grammar,
+    json_schema_grammar,
 )  # fmt: skip
+from adapter_chat.store import ConversationLog
+from server import tools
+from server.adapter_pool import AdapterPool, Lease
 from server.errors import ContextOverflow, EngineFailure, InvalidRequest, NotFound
 from server.metrics import Metrics, adapters_label
 from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from server.routes import Plan, RouteTable
 from server.settings import Settings
-from server.store import ConversationLog
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,16 @@
     └── EngineFailure             500     server_error            (no detail to the client)
 
 Services raise these; `error_body` and `to_response` turn them into HTTP; nothing else does.
+The shared package's own errors (`adapter_chat.errors`, which know no HTTP) become these through
+one table, `DOMAIN_ERRORS`, looked up by `from_domain`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from adapter_chat.errors import EngineBusy, EngineError, EngineNotReady
 
 
 class APIError(Exception):
@@ -128,3 +133,20 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 def body_for(exc: APIError) -> dict[str, Any]:
     return error_body(exc.message, exc.type, exc.param, exc.code)
+
+
+# domain error -> the APIError the client sees; the first class in the error's MRO found here wins
+DOMAIN_ERRORS: dict[type[Exception], Callable[[Any], APIError]] = {
+    EngineBusy: lambda e: QueueFull(str(e), retry_after=e.retry_after),
+    EngineNotReady: lambda e: ServiceUnavailable(str(e)),
+}
+MAPPED_DOMAIN_ERRORS: tuple[type[Exception], ...] = (EngineError,)  # the bases the app registers a handler for
+
+
+def from_domain(exc: Exception) -> APIError:
+    """The APIError for a domain error; an unmapped one becomes a bare 500 (no detail to the client)."""
+    for cls in type(exc).__mro__:
+        make = DOMAIN_ERRORS.get(cls)
+        if make is not None:
+            return make(exc)
+    return EngineFailure("internal server error")

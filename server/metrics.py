@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from server import db, store
+from adapter_chat import db, store
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class _TrainerRuns(Collector):
 
 
 class _ConversationLogState(Collector):
-    """The conversation log writer's state (server.store.ConversationLog.stats), read at scrape time."""
+    """The conversation log writer's state (adapter_chat.store.ConversationLog.stats), read at scrape time."""
 
     def __init__(self, clog: store.ConversationLog) -> None:
         self.clog = clog

@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server.chat_template import ChatTemplateError, render_system_prompt, sandbox
-from server.registry import InvalidAdapterName, parse_ref
+from adapter_chat.chat_template import ChatTemplateError, render_system_prompt, sandbox
+from adapter_chat.registry import InvalidAdapterName, parse_ref
 
 PathKind = Literal["prompt", "finetuned", "base"]
 

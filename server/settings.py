@@ -9,7 +9,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from server import db
+from adapter_chat import db
 
 DEFAULT_MODEL = Path("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 

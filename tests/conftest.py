@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts.fetch_model import fetch  # noqa: E402
-from server import registry  # noqa: E402
-from server.gguf_info import BaseModelInfo  # noqa: E402
+from adapter_chat import registry  # noqa: E402
+from adapter_chat.gguf_info import BaseModelInfo  # noqa: E402
 
 LORA_TARGETS = registry.DEFAULT_LORA_TARGETS
 
@@ -262,7 +262,7 @@ def log_rows(target: Any, sql: str, args: tuple = ()) -> list[Any]:
     read through the server's own database layer; `?` placeholders, quote `"user"`."""
     import sqlalchemy as sa
 
-    from server import db
+    from adapter_chat import db
 
     parts = sql.split("?")
     text = parts[0] + "".join(f":p{i}{part}" for i, part in enumerate(parts[1:]))

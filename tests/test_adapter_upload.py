@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from server import registry
-from server.gguf_info import BaseModelInfo
+from adapter_chat import registry
+from adapter_chat.gguf_info import BaseModelInfo
 from tests.conftest import make_lora_file
 from tests.test_errors import assert_error
 from tests.smallfs import small_filesystem

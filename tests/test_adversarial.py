@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 
-from server import registry
+from adapter_chat import registry
 from server.app import AUTH_ADMIN, AUTH_API, AUTH_PUBLIC, create_app
 from server.settings import Settings
 from tests import conftest

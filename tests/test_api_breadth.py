@@ -128,7 +128,7 @@ def test_the_examples_house_style_grammar_guarantees_the_format_on_the_base(serv
     finally:
         sys.path.remove(str(example))
     grammar = (example / "house-style.gbnf").read_text(encoding="utf-8")
-    from server.chat_template import render_system_prompt
+    from adapter_chat.chat_template import render_system_prompt
 
     system = render_system_prompt((example / "cto-house-style.j2").read_text(encoding="utf-8"), {})
     client = server.client()
@@ -222,7 +222,7 @@ def test_logprobs_match_an_independent_computation_and_are_normalised(
 ) -> None:
     """A greedy answer's logprobs equal log-softmax of llama.cpp logits computed in process on the
     same tokens; the sampled token is the top alternative; streaming gives the same entries."""
-    from server.chat_template import ChatTemplate, tokenize_segments
+    from adapter_chat.chat_template import ChatTemplate, tokenize_segments
     from trainer.llama_opt import InferenceSession
 
     client = server.client()

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from server.metrics import Metrics
-from server.store import ConversationLog
+from adapter_chat.store import ConversationLog
 from tests.conftest import ServerProcess, chat_body, passive_omp
 from tests.reliability import db_rows, record
 from tests.smallfs import fill, small_filesystem

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from server.chat_template import ChatTemplate
-from server.engine import Engine, EngineConfig, LoraHandle, SamplingParams, TokenEvent
+from adapter_chat.chat_template import ChatTemplate
+from adapter_chat.engine import Engine, EngineConfig, LoraHandle, SamplingParams, TokenEvent
 from tests.conftest import make_lora_file
 
 PROMPTS = [

@@ -14,7 +14,7 @@ from pathlib import Path
 import llama_cpp.llama_cpp as C
 import pytest
 
-from server.gguf_info import BaseModelInfo
+from adapter_chat.gguf_info import BaseModelInfo
 from tests.conftest import ROOT, ServerProcess, make_lora_file, publish_lora, wait_for
 
 pytestmark = pytest.mark.skipif(
@@ -46,7 +46,7 @@ def test_the_adapter_probe_loads_the_base_with_the_engines_n_gpu_layers(
 ) -> None:
     lora = make_lora_file(tmp_path / "a.gguf", base_info, seed=3)
     proc = subprocess.run(
-        [sys.executable, "-m", "server.engine", "probe", str(model_path), str(lora), "5"],
+        [sys.executable, "-m", "adapter_chat.engine", "probe", str(model_path), str(lora), "5"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -77,7 +77,7 @@ def test_the_trainer_hands_n_gpu_layers_to_every_model_it_loads(
         [out] = run_nightly(cfg, only=["scored"], say=lambda m: None, options=RunOptions(skip_unchanged=False))
     assert out.status == "published", out.reason
     loaders = {r.name for r in caplog.records if warning(9) in r.getMessage()}
-    assert loaders == {"server.llama_model"}, loaders
+    assert loaders == {"adapter_chat.llama_model"}, loaders
     # training, validation loss (base and adapter) and the task score: one warning per model loaded
     assert sum(warning(9) in r.getMessage() for r in caplog.records) >= 4
 

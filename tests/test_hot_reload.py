@@ -8,7 +8,7 @@ import shutil
 
 import httpx
 
-from server import registry
+from adapter_chat import registry
 from tests.conftest import chat_body, publish_lora, wait_for
 
 QUESTION = "Write one sentence about the sea."

@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 
-from server import registry
+from adapter_chat import registry
 from tests.conftest import LORA_TARGETS, ROOT
 
 QUESTION = "Write one sentence about the sea."

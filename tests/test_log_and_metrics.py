@@ -157,7 +157,7 @@ def test_trainer_runs_can_live_in_their_own_database(fresh_server, tmp_path, req
     """Replicas log to one file each (deploy/k8s); the trainer records its runs in a shared
     database named by CHAT_TRAINER_RUNS_DB (a SQLite file or a PostgreSQL URL), and every
     replica's /metrics and /v1/runs read it from there."""
-    from server import store
+    from adapter_chat import store
 
     if backend == "sqlite":
         runs_db = tmp_path / "trainer-runs.sqlite3"

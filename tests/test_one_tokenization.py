@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.chat_template import ChatTemplate
-from server.engine import Engine, EngineConfig
+from adapter_chat.chat_template import ChatTemplate
+from adapter_chat.engine import Engine, EngineConfig
 from trainer.llama_opt import InferenceSession, VocabOnly
 from trainer.packing import tokenize_example
 

@@ -37,11 +37,11 @@ import pytest
 import tomllib
 import yaml
 
-from server import registry
-from server.chat_template import ChatTemplate
-from server.gguf_info import BaseModelInfo
+from adapter_chat import registry
+from adapter_chat.chat_template import ChatTemplate
+from adapter_chat.gguf_info import BaseModelInfo
 from server.settings import Settings
-from server.store import ConversationLog
+from adapter_chat.store import ConversationLog
 from tests.conftest import (
     PIRATE,
     SHARED_ROUTES,

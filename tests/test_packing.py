@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.chat_template import ChatTemplate, tokenize_conversation, trained_messages
+from adapter_chat.chat_template import ChatTemplate, tokenize_conversation, trained_messages
 from trainer.packing import IGNORE_INDEX, pack, tokenize_example
 
 EOT = 2

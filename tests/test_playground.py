@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from playwright.sync_api import Page, sync_playwright
 
-from server import registry, store
-from server.gguf_info import BaseModelInfo
+from adapter_chat import registry, store
+from adapter_chat.gguf_info import BaseModelInfo
 from tests.conftest import (
     PIRATE,
     SHARED_ROUTES,

@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from server.chat_template import ChatTemplate
-from server.gguf_info import BaseModelInfo
-from server.store import ConversationLog
+from adapter_chat.chat_template import ChatTemplate
+from adapter_chat.gguf_info import BaseModelInfo
+from adapter_chat.store import ConversationLog
 from tests.conftest import chat_body, log_rows, wait_for
 from tests.postgres import PostgresServer
 from tests.reliability import record
@@ -223,7 +223,7 @@ def test_an_exchange_logged_by_two_replicas_is_one_row_and_one_item(pg_url: str,
 def test_trainer_runs_command_reads_postgres(pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from server.store import finish_trainer_run, open_db, start_trainer_run
+    from adapter_chat.store import finish_trainer_run, open_db, start_trainer_run
     from trainer.__main__ import main
 
     engine = open_db(pg_url)
@@ -235,7 +235,7 @@ def test_trainer_runs_command_reads_postgres(pg_url: str, capsys: pytest.Capture
 
 
 def test_an_unreachable_database_at_start_up_fails_fast_and_names_it(own_postgres) -> None:
-    from server.store import LogUnavailable, open_db
+    from adapter_chat.store import LogUnavailable, open_db
 
     url = own_postgres.create_database("gone").replace("chat@", "chat:secret@")
     own_postgres.stop("fast")

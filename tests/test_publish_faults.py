@@ -30,8 +30,8 @@ from typing import Any
 import httpx
 import pytest
 
-from server import registry
-from server.gguf_info import BaseModelInfo
+from adapter_chat import registry
+from adapter_chat.gguf_info import BaseModelInfo
 from tests.conftest import ROOT, ServerProcess, chat_body, make_lora_file, publish_lora
 from tests.reliability import db_rows, record
 from tests.smallfs import fill, small_filesystem
@@ -45,7 +45,7 @@ STEPS = registry.PUBLISH_STEPS
 CHILD = r"""
 import json, os, signal, sys, time
 from pathlib import Path
-from server import registry
+from adapter_chat import registry
 spec = json.loads(sys.argv[1])
 fd = os.open(spec["steplog"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 def hook(step):

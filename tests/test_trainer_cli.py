@@ -12,9 +12,9 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from server import registry
-from server.gguf_info import BaseModelInfo
-from server.store import finish_trainer_run, open_db, start_trainer_run
+from adapter_chat import registry
+from adapter_chat.gguf_info import BaseModelInfo
+from adapter_chat.store import finish_trainer_run, open_db, start_trainer_run
 from tests.tinymodel import make_tiny_llama
 from trainer.__main__ import build_parser, main, resolve_config
 from trainer.config import DEFAULT_TARGETS, TrainSettings, load_config

@@ -1,7 +1,7 @@
 """The dataset builder: JSONL shapes, bad-line errors, the log filters, the split, the report.
 
 Real parts throughout: the base model's own chat template and vocabulary, and conversation logs
-written by the server's own writer (`server.store.ConversationLog`).
+written by the server's own writer (`adapter_chat.store.ConversationLog`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from server.chat_template import ChatTemplate
-from server.gguf_info import BaseModelInfo
-from server.store import ConversationLog
+from adapter_chat.chat_template import ChatTemplate
+from adapter_chat.gguf_info import BaseModelInfo
+from adapter_chat.store import ConversationLog
 from trainer.config import AdapterConfig, SourceConfig, TrainerConfig, TrainSettings
 from trainer.dataset import (
     DatasetError,

@@ -9,8 +9,8 @@ import gguf
 import numpy as np
 import pytest
 
-from server.gguf_info import BaseModelInfo
-from server.registry import validate_lora_file
+from adapter_chat.gguf_info import BaseModelInfo
+from adapter_chat.registry import validate_lora_file
 from tests.tinymodel import QUESTIONS, chatml, make_tiny_llama, pirate_texts
 from trainer.extract import DeltaSpectra, extract_lora, save_lora
 from trainer.finetune import TrainConfig, TrainedModel, train

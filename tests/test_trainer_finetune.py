@@ -114,7 +114,7 @@ def test_config_lists_every_problem(tmp_path: Path) -> None:
 def test_stream_windows_are_todays_path_every_token_a_target() -> None:
     """``windows = "stream"`` (kept to benchmark against): items concatenated and cut across their
     boundaries, every next token a label, one sequence per window, cut items counted."""
-    from server.chat_template import TokenizedConversation
+    from adapter_chat.chat_template import TokenizedConversation
     from trainer.finetune import _stream
 
     convs = [TokenizedConversation(list(range(k * 100, k * 100 + 100)), [False] * 100) for k in range(6)]

@@ -155,7 +155,7 @@ def test_masked_training_learns_the_answers_faster_than_unmasked(tiny_q8: Path, 
                 for x, y in windows:
                     s.step(x, y if mode == "masked" else x[1:] + [x[0]])
             out = tmp_path / f"{mode}.gguf"
-            from server.registry import write_lora_gguf
+            from adapter_chat.registry import write_lora_gguf
 
             write_lora_gguf(out, architecture="llama", pairs=s.lora_pairs(), alpha=16.0)
         losses[mode] = _answer_loss(tiny_q8, out, windows)

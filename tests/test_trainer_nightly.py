@@ -17,9 +17,9 @@ from types import ModuleType
 
 import pytest
 
-from server import registry
-from server.gguf_info import BaseModelInfo
-from server.store import open_db
+from adapter_chat import registry
+from adapter_chat.gguf_info import BaseModelInfo
+from adapter_chat.store import open_db
 from tests.conftest import log_rows
 from tests.tinymodel import make_tiny_llama
 from trainer.config import load_config
@@ -248,7 +248,7 @@ def test_second_run_while_the_lock_is_held_exits_75(world: Path) -> None:
 
 
 def test_runs_left_running_by_a_killed_trainer_are_marked_interrupted(world: Path) -> None:
-    from server.store import start_trainer_run
+    from adapter_chat.store import start_trainer_run
 
     conn = open_db(world / "conversations.sqlite3")
     run_id = start_trainer_run(conn, "cto")

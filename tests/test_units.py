@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server import registry
-from server.chat_template import ChatTemplate, ChatTemplateError
-from server.engine import Engine
+from adapter_chat import registry, scheduler
+from adapter_chat.chat_template import ChatTemplate, ChatTemplateError
 from server.routes import RouteTable, RoutesFileError, bucket
-from server.store import migrate, open_db
+from adapter_chat.store import migrate, open_db
 from tests.conftest import make_lora_file
 
 
@@ -171,7 +170,7 @@ def test_split_bucket_is_stable_and_spread() -> None:
      ("", ("x",), 0)],
 )
 def test_stop_string_holdback(text: str, stops: tuple, hold: int) -> None:
-    assert Engine._holdback(text, stops) == hold
+    assert scheduler.holdback(text, stops) == hold
 
 
 def test_migrations_are_ordered_and_rerunnable(tmp_path: Path) -> None:
@@ -192,7 +191,7 @@ def test_json_schema_strings_exclude_control_characters() -> None:
     them (a greedy answer wrote a newline inside a string and failed to parse)."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    from server.sampling import json_schema_grammar
+    from adapter_chat.sampling import json_schema_grammar
 
     schema = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 24}, "tags": {
         "type": "array", "items": {"type": "string"}}}, "required": ["note"]}  # fmt: skip
@@ -207,14 +206,14 @@ def test_json_schema_strings_exclude_control_characters() -> None:
 
 
 def test_database_errors_worth_a_retry_are_told_from_bad_rows() -> None:
-    """server.db.retryable: an outage (full disk, unreachable or restarting PostgreSQL) holds the
+    """adapter_chat.db.retryable: an outage (full disk, unreachable or restarting PostgreSQL) holds the
     rows and retries; a row the database refuses is dropped alone."""
     import sqlite3 as sq
 
     import psycopg
     from sqlalchemy import exc
 
-    from server.db import retryable
+    from adapter_chat.db import retryable
 
     def wrapped(e: Exception) -> exc.DBAPIError:
         return exc.DBAPIError.instance("INSERT ...", {}, e, Exception)
@@ -239,3 +238,30 @@ def test_db_url_must_be_postgresql() -> None:
     s = Settings(_env_file=None, db_url="postgresql://u:p@h:5432/db")
     assert s.log_target == s.runs_target == "postgresql://u:p@h:5432/db"
     assert Settings(_env_file=None, trainer_runs_db="runs.sqlite3").runs_target == Path("runs.sqlite3")
+
+
+def test_engine_errors_reach_the_client_through_the_one_error_map() -> None:
+    """The engine raises its own errors (no HTTP in the shared package); the server's table turns
+    them into the OpenAI-shaped 429 / 503 a client retries on, and anything unmapped into a bare 500."""
+    from adapter_chat.errors import EngineBusy, EngineError, EngineNotReady
+    from server.errors import QueueFull, ServiceUnavailable, body_for, from_domain
+
+    busy = from_domain(EngineBusy("the server is at capacity; retry shortly", retry_after=3))
+    assert isinstance(busy, QueueFull) and busy.status == 429 and busy.headers == {"Retry-After": "3"}
+    assert body_for(busy)["error"]["message"] == "the server is at capacity; retry shortly"
+    down = from_domain(EngineNotReady("the model is not loaded yet"))
+    assert isinstance(down, ServiceUnavailable) and down.status == 503 and "Retry-After" in down.headers
+
+    class Novel(EngineError):
+        pass
+
+    other = from_domain(Novel("secret internals"))
+    assert other.status == 500 and "secret" not in body_for(other)["error"]["message"]
+
+
+def test_the_trainer_config_accepts_exactly_the_optimizers_the_binding_knows() -> None:
+    """One list of names (trainer.config), checked against the ggml enum map the binding uses: a
+    name added to one side only would be accepted by `trainer.toml` and then fail mid-run."""
+    from trainer import config, llama_opt
+
+    assert set(config.OPTIMIZERS) == set(llama_opt.OPTIMIZERS)

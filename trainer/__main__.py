@@ -75,7 +75,7 @@ def parse_time(value: str) -> float:
 
 def _target(value: str) -> str | Path:
     """A database on the command line: a PostgreSQL URL as is, anything else a SQLite path."""
-    from server import db
+    from adapter_chat import db
 
     return value if db.is_url(value) else Path(value)
 
@@ -335,7 +335,7 @@ def cmd_nightly(args: argparse.Namespace, *, one_off: bool = False) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from server.registry import InvalidAdapterName, RegistryError, current_version, rollback
+    from adapter_chat.registry import InvalidAdapterName, RegistryError, current_version, rollback
 
     adapters_dir = args.adapters_dir
     if adapters_dir is None:
@@ -353,8 +353,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from server.gguf_info import BaseModelInfo
-    from server.registry import AdapterInvalid, InvalidAdapterName, RegistryError, import_lora
+    from adapter_chat.gguf_info import BaseModelInfo
+    from adapter_chat.registry import AdapterInvalid, InvalidAdapterName, RegistryError, import_lora
 
     cfg = load_config(args.config) if args.config else TrainerConfig()
     adapters_dir = args.adapters_dir or cfg.adapters_dir
@@ -382,8 +382,8 @@ def _fmt_time(t: float | None) -> str:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from server import db
-    from server.store import read_trainer_runs
+    from adapter_chat import db
+    from adapter_chat.store import read_trainer_runs
 
     target = args.runs_db
     if target is None:

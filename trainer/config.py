@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from server import db  # noqa: E402
-from server.registry import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS  # noqa: E402
-OPTIMIZERS = ("sgd", "adamw")
+from adapter_chat import db
+from adapter_chat.registry import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS
+from adapter_chat.registry import validate_name
+
+OPTIMIZERS = ("sgd", "adamw")  # the names trainer.llama_opt.OPTIMIZERS maps to ggml's enum
 METHODS = ("lora", "full")
 WINDOWS = ("packed", "stream")
 SCHEDULES = ("constant", "cosine")
@@ -402,11 +404,7 @@ def validate(cfg: TrainerConfig) -> list[str]:
     for a in cfg.adapters:
         w = f"{where}: [adapters.{a.name}]"
         try:
-            from server.registry import validate_name
-
             validate_name(a.name)
-        except ImportError:  # pragma: no cover - server not installed
-            pass
         except ValueError as exc:
             problems.append(f"{w}: {exc}")
         t = a.train

@@ -12,7 +12,7 @@ This module owns turning data into training text and nothing else:
   `{"messages": [...]}` (OpenAI shape). Every bad line is collected and reported at once in a
   `DatasetError` naming file and line.
 * Chat and pair items are rendered with the base model's own chat template
-  (`server.chat_template`, sandboxed Jinja), so training text is what the server feeds the model.
+  (`adapter_chat.chat_template`, sandboxed Jinja), so training text is what the server feeds the model.
 * `split` sends each conversation wholly to train or validation by a hash of its key
   (conversation id, else first user message), so no conversation is in both, night after night.
 * `build_dataset` puts it together and measures it (`DatasetReport`): items, token lengths with
@@ -35,8 +35,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import exc
 
-from server import db
-from server.chat_template import ChatTemplate, ChatTemplateError
+from adapter_chat import db
+from adapter_chat.chat_template import ChatTemplate, ChatTemplateError
 from trainer.config import AdapterConfig, SourceConfig, TrainerConfig
 
 TokenCounter = Callable[[str], int]
@@ -453,8 +453,8 @@ def _read_one(
         engine = db.open_engine(snap or target, readonly=True)
     except (*db.ERRORS, OSError) as e:
         raise DatasetError([f"{name}: cannot open the conversation log read-only: {e}"]) from e
-    from server.store import exchanges as x
-    from server.store import feedback as f
+    from adapter_chat.store import exchanges as x
+    from adapter_chat.store import feedback as f
 
     q = sa.select(*(x.c[k] for k in _EXCHANGE_COLUMNS))
     for column, values in (("route", source.routes), ("adapter_name", source.adapter_names),
@@ -643,7 +643,7 @@ def _newest(items: list[Item], cap: int | None, what: str, capped: dict[str, int
 
 def load_template(base_model: Path) -> ChatTemplate:
     """The base model's chat template from its GGUF metadata (ChatML when it carries none)."""
-    from server.gguf_info import BaseModelInfo
+    from adapter_chat.gguf_info import BaseModelInfo
 
     return ChatTemplate.from_model(BaseModelInfo.load(base_model, sha256="-"))
 

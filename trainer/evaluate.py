@@ -23,12 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from server.chat_template import ChatTemplate, TokenizedConversation, tokenize_segments
-from server.gguf_info import BaseModelInfo
+from adapter_chat.chat_template import ChatTemplate, TokenizedConversation, tokenize_segments
+from adapter_chat.gguf_info import BaseModelInfo
+from trainer.config import GATE_MODES
 from trainer.llama_opt import InferenceSession, perplexity
 from trainer.packing import Example, tokenize_example
-
-GATE_MODES = ("relative", "absolute")
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Owns: reading the FP32 base and trained GGUFs, factorising ``W_trained - W_base`` for every
 target matrix, choosing one rank for the whole adapter, the energy report that justifies it,
-and handing the factors to ``server.registry.write_lora_gguf`` (the adapter format's only
+and handing the factors to ``adapter_chat.registry.write_lora_gguf`` (the adapter format's only
 writer).
 
 Rank choice: "energy kept" at rank ``r`` for one matrix is ``sum(s[:r]**2) / sum(s**2)`` of the
@@ -31,8 +31,9 @@ from typing import Any
 import gguf
 import numpy as np
 
-from server.registry import write_lora_gguf
+from adapter_chat.registry import write_lora_gguf
 from trainer.llama_opt import DEFAULT_TARGETS
+
 
 class EnergyReport(dict[str, float]):
     """Energy kept per adapted matrix at the chosen rank; ``float(report)`` is their mean,
@@ -254,7 +255,7 @@ def save_lora(
     architecture: str,
     metadata: Mapping[str, str | int | float] | None = None,
 ) -> Path:
-    """Write the adapter GGUF through ``server.registry.write_lora_gguf``."""
+    """Write the adapter GGUF through ``adapter_chat.registry.write_lora_gguf``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_lora_gguf(

@@ -34,16 +34,14 @@ from typing import IO, Any
 import gguf
 import numpy as np
 
-from server.chat_template import ChatTemplate
-from server.gguf_info import sha256_file
-from server.registry import write_lora_gguf
+from adapter_chat.chat_template import ChatTemplate
+from adapter_chat.gguf_info import sha256_file
+from adapter_chat.registry import write_lora_gguf
+from trainer.config import METHODS, SCHEDULES, WINDOWS
 from trainer.llama_opt import DEFAULT_TARGETS, OPTIMIZERS, TrainSession
 from trainer.packing import Example, Packing, Window, pack, tokenize_example
 
 Callback = Callable[[dict[str, Any]], None]
-SCHEDULES = ("constant", "cosine")
-METHODS = ("lora", "full")
-WINDOWS = ("packed", "stream")
 
 
 class TrainingInterrupted(RuntimeError):

@@ -41,11 +41,11 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import llama_cpp.llama_cpp as llc
 import numpy as np
 
-import llama_cpp.llama_cpp as llc
-from server.llama_model import model_params
-from server.llama_vocab import LlamaVocab
+from adapter_chat.llama_model import model_params
+from adapter_chat.llama_vocab import LlamaVocab
 
 GGML_TYPE_F32 = 0
 GGML_TYPE_I32 = 26
@@ -55,7 +55,7 @@ OPTIMIZERS: dict[str, int] = {"adamw": 0, "sgd": 1}  # enum ggml_opt_optimizer_t
 MAX_PACKED_SEQS = 64
 """Sequences (packed items plus padding) one training window may hold (the context's n_seq_max)."""
 
-from server.registry import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS  # noqa: E402
+from adapter_chat.registry import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS  # noqa: E402
 
 
 class LlamaError(RuntimeError):
@@ -172,7 +172,7 @@ _opt_epoch = ctypes.CFUNCTYPE(
 
 
 def _model_params(n_gpu_layers: int, *, writable: bool) -> llc.llama_model_params:
-    """The shared model params (GPU offload, server.llama_model); ``writable`` loads the weights
+    """The shared model params (GPU offload, adapter_chat.llama_model); ``writable`` loads the weights
     into memory the optimizer may change, not a read-only mmap."""
     mparams = model_params(n_gpu_layers)
     if writable:
@@ -200,7 +200,7 @@ def _new_context(model: ctypes.c_void_p, *, n_ctx: int, n_batch: int, threads: i
     cparams.n_threads_batch = threads
     cparams.no_perf = True
     # No flash attention, for training (no backward pass for it) and for evaluation alike: the server
-    # runs without it (its CPU kernel depends on the batch size; server/engine.py), so what is scored
+    # runs without it (its CPU kernel depends on the batch size; adapter_chat/engine.py), so what is scored
     # here is computed as it is served.
     cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED
     if f32_cache:
@@ -439,7 +439,7 @@ class TrainSession:
 
     @property
     def vocab(self) -> LlamaVocab:
-        """The model's vocabulary for ``server.chat_template.tokenize_conversation``."""
+        """The model's vocabulary for ``adapter_chat.chat_template.tokenize_conversation``."""
         return self._h.text
 
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
@@ -516,7 +516,7 @@ class TrainSession:
         return np.ctypeslib.as_array(buf).reshape(ne[1], ne[0]).copy()
 
     def lora_pairs(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """The trained LoRA: base tensor name -> (A, B), as ``server.registry.write_lora_gguf`` takes."""
+        """The trained LoRA: base tensor name -> (A, B), as ``adapter_chat.registry.write_lora_gguf`` takes."""
         if self.lora_path is None:
             raise LlamaError("lora_pairs() needs a LoRA session (lora=...)")
         names = sorted({n.rsplit(".", 1)[0] for n in self._tensors})
@@ -593,7 +593,7 @@ class InferenceSession:
 
     @property
     def vocab(self) -> LlamaVocab:
-        """The model's vocabulary for ``server.chat_template.tokenize_conversation``."""
+        """The model's vocabulary for ``adapter_chat.chat_template.tokenize_conversation``."""
         return self._h.text
 
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:

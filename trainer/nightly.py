@@ -3,7 +3,7 @@
 
 This module owns running the stages in order and everything around them: the lock that keeps
 two runs from overlapping, the run record (start, end, status, metrics, reason) written through
-`server.store`, the run folder (`<cache_dir>/runs/<adapter>/<run id>/`: config, dataset report,
+`adapter_chat.store`, the run folder (`<cache_dir>/runs/<adapter>/<run id>/`: config, dataset report,
 progress JSONL, evaluation, the adapter file), clean stops on Ctrl-C / SIGTERM, and the exit
 codes a scheduler reads.
 
@@ -39,7 +39,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from server.db import Target
+from adapter_chat.db import Target
 from trainer.config import AdapterConfig, TrainerConfig
 from trainer.dataset import Dataset, TokenCounter, build_dataset, expand_paths
 
@@ -149,7 +149,7 @@ def runs_db(cfg: TrainerConfig) -> Target:
 
 
 def open_runs_db(cfg: TrainerConfig) -> Engine:
-    from server.store import open_db
+    from adapter_chat.store import open_db
 
     return open_db(runs_db(cfg))
 
@@ -161,12 +161,12 @@ def mark_stale_runs(conn: Engine, adapters: Sequence[str], adapters_dir: Path | 
     version's manifest names the run (`trainer_run_id`), so the row becomes `published` with that
     version. Killed earlier, the row becomes `interrupted` (saying so when its version was written
     complete but never made current)."""
-    from server import registry
-    from server.store import finish_trainer_run
+    from adapter_chat import registry
+    from adapter_chat.store import finish_trainer_run
 
     if not adapters:
         return 0
-    from server.store import trainer_runs as t
+    from adapter_chat.store import trainer_runs as t
 
     with conn.connect() as c:
         stale = c.execute(
@@ -246,7 +246,7 @@ def run_adapter(
 ) -> Outcome:
     """Run every stage for one adapter and record the run. Never raises for a run that fails:
     the failure is recorded and returned (KeyboardInterrupt is recorded, then re-raised)."""
-    from server.store import finish_trainer_run, start_trainer_run
+    from adapter_chat.store import finish_trainer_run, start_trainer_run
 
     options = options or RunOptions()
     run_id = start_trainer_run(conn, adapter.name)
@@ -291,9 +291,9 @@ def _run_stages(
     now: float | None,
     run_dir: Path,
 ) -> None:
-    from server import registry
-    from server.chat_template import ChatTemplate
-    from server.gguf_info import BaseModelInfo
+    from adapter_chat import registry
+    from adapter_chat.chat_template import ChatTemplate
+    from adapter_chat.gguf_info import BaseModelInfo
 
     metrics = outcome.metrics
     # 1. dataset

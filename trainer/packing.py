@@ -1,7 +1,7 @@
 """Training examples as token ids with a loss mask, packed into fixed-size windows.
 
 Owns: turning dataset items into ``TokenizedConversation``s with the one tokenization the server
-uses (``server.chat_template.tokenize_conversation``), and packing them into windows of
+uses (``adapter_chat.chat_template.tokenize_conversation``), and packing them into windows of
 ``n_ctx`` inputs and ``n_ctx`` labels, where a label is the next token when that token is a
 training target and ``IGNORE_INDEX`` otherwise (the prompt, the system prompt, the chat markup,
 padding, and the first token of the next item in the window).
@@ -21,7 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from server.chat_template import ChatTemplate, TokenizedConversation, Vocab, tokenize_conversation, trained_messages
+from adapter_chat.chat_template import (
+    ChatTemplate,
+    TokenizedConversation,
+    Vocab,
+    tokenize_conversation,
+    trained_messages,
+)
 
 IGNORE_INDEX = -1
 MAX_SEQS = 64

@@ -2,7 +2,7 @@
 
 Owns: loading a scorer (``file.py:function`` or ``module:function``), reading held-out prompts
 (``gate.score_file``, or the validation items' prompts), and answering them through the server's
-own engine (``server.engine.Engine``: the same tokenization, batching and sampler chain the
+own engine (``adapter_chat.engine.Engine``: the same tokenization, batching and sampler chain the
 server uses; greedy, the adapter's and the base's prompts all submitted at once to one engine),
 with and without the adapter. The result
 (:class:`TaskScore`) is the share of answers the scorer accepts, for the gate and the manifest.
@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.chat_template import ChatTemplate, tokenize_segments
+from adapter_chat.chat_template import ChatTemplate, tokenize_segments
 from trainer.llama_opt import VocabOnly
 
 Scorer = Callable[[str], Any]
@@ -114,7 +114,7 @@ async def _answer_all(
     model: Path, jobs: Sequence[tuple[AnswerJob, Sequence[list[int]]]], *, max_tokens: int, n_ctx: int, threads: int,
     n_gpu_layers: int,
 ) -> list[list[str]]:
-    from server.engine import Engine, EngineConfig, SamplingParams
+    from adapter_chat.engine import Engine, EngineConfig, SamplingParams
 
     total = sum(len(p) for _, p in jobs)
     parallel = max(1, min(MAX_PARALLEL, total))

@@ -68,8 +68,8 @@ def ask_server(url: str, route: str, question: str, max_tokens: int, grammar: st
 def run_offline(model: Path, adapter: Path, qs: list[str], max_tokens: int) -> dict[str, list[str]]:
     """The four paths in process, through the server's own engine (same tokenization, batching,
     greedy sampler and grammar sampler as `python -m server`)."""
-    from server.chat_template import ChatTemplate, render_system_prompt
-    from server.gguf_info import BaseModelInfo
+    from adapter_chat.chat_template import ChatTemplate, render_system_prompt
+    from adapter_chat.gguf_info import BaseModelInfo
     from trainer.task_eval import AnswerJob, answer_many
 
     template = ChatTemplate.from_model(BaseModelInfo.load(model, sha256="-"))

@@ -7,7 +7,7 @@ stays short (well under 200 tokens) so training windows are cheap.
     python examples/fractional-cto/generate.py --out examples/fractional-cto/data
         writes data/conversations.jsonl (chat shape, 1,200 conversations by default)
     python examples/fractional-cto/generate.py --out ... --log data/conversations.sqlite3
-        also logs 400 exchanges into a conversation-log SQLite through server.store, the way
+        also logs 400 exchanges into a conversation-log SQLite through adapter_chat.store, the way
         the server does, including what the trainer must filter out: off-style answers rated
         down, answers fixed by a correction, disconnected and failed requests, and one
         duplicated replica file (`--replicas 2`).
@@ -603,12 +603,12 @@ def write_jsonl(path: Path, n: int, seed: int) -> list[str]:
 
 
 def write_log(paths: list[Path], n: int, seed: int, *, system_prompt: str, now: float) -> dict[str, int]:
-    """Log `n` exchanges through server.store.ConversationLog (the server's own writer), spread
+    """Log `n` exchanges through adapter_chat.store.ConversationLog (the server's own writer), spread
     over the last 14 days on route `cto`, half on each path. Returns counts by kind.
 
     With two paths, the second file is a replica that also received a copy of a few rows
     (same request id), which the trainer must count once."""
-    from server.store import ConversationLog
+    from adapter_chat.store import ConversationLog
 
     rng = random.Random(seed + 1)
     logs = [ConversationLog(p, replica=f"replica-{i}") for i, p in enumerate(paths)]
@@ -687,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     topics = write_jsonl(jsonl, args.n, args.seed)
     print(f"wrote {args.n} conversations ({len(set(topics))} topics) to {jsonl}")
     if args.log:
-        from server.chat_template import render_system_prompt
+        from adapter_chat.chat_template import render_system_prompt
 
         system_prompt = render_system_prompt((HERE / "cto-house-style.j2").read_text(encoding="utf-8"), {})
         if args.replicas > 1:

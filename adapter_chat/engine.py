@@ -1,4 +1,4 @@
-"""The engine: the only server module that imports llama_cpp.
+"""The engine: generation over llama.cpp for the server and for the trainer's evaluation.
 
 Owns the base model, its lanes (llama.cpp contexts over the shared weights, `parallel` sequence slots
 shared out between them), the loaded LoRA adapters, native sampler chains, and the scheduler thread
@@ -23,6 +23,8 @@ in the same lane wait for their group's turn, and turns rotate after `turn_steps
 groups wait. Each slot remembers the tokens in its KV cache and the adapter set they were computed
 under; a new request takes the free slot with the longest common prefix under the same adapter set,
 or copies a shared prefix from another slot, so KV is never reused across sets.
+The policy (which slot, which donor, which group, which lanes side by side) is pure logic in
+`adapter_chat/scheduler.py`; this module carries it out.
 """
 
 from __future__ import annotations
@@ -48,11 +50,12 @@ from typing import Any, Protocol
 import llama_cpp._logger as llama_logger
 import llama_cpp.llama_cpp as C
 
-from server.chat_template import Segment, tokenize_segments
-from server.llama_model import model_params
-from server.llama_vocab import LlamaVocab
-from server.errors import QueueFull, ServiceUnavailable
-from server.sampling import (
+from adapter_chat.chat_template import Segment, tokenize_segments
+from adapter_chat import scheduler
+from adapter_chat.errors import EngineBusy, EngineNotReady
+from adapter_chat.llama_model import model_params
+from adapter_chat.llama_vocab import LlamaVocab
+from adapter_chat.sampling import (
     GrammarSampling,
     SamplingParams,
     TokenLogprob,
@@ -63,21 +66,6 @@ from server.sampling import (
 
 log = logging.getLogger(__name__)
 
-PREFIX_WORTH_TOKENS = 64  # a cached prefix this long outweighs keeping adapter groups contiguous
-# Copy another slot's prefix when that saves more prefill than the copy costs. llama.cpp copies the
-# donor's whole KV buffer: bench/kv_copy_cost.py measured +2 ms on the next decode for 1,024 tokens
-# per slot and +6 ms for 4,096 (SmolLM2-135M), i.e. about one prefilled token per 512-1,024 tokens
-# of context per slot; the bar below keeps a wide margin.
-SHARE_WORTH_TOKENS = 16
-SHARE_CTX_PER_TOKEN = 256
-# From another lane the copy reads out every cell the donor holds: bench/lane_copy_cost.py measured
-# 2-13 us per donor token against 2-3 ms to prefill one token, so a copy must save at least one
-# token per 128 the donor holds.
-CROSS_LANE_TOKENS_PER_TOKEN = 128
-# Lanes decode side by side when their batches are alike (tokens within this ratio plus slack), else
-# one after another with all the threads (see Engine._decode).
-SIDE_BY_SIDE_RATIO = 4
-SIDE_BY_SIDE_SLACK = 8
 
 
 @dataclass(frozen=True)
@@ -145,7 +133,7 @@ class _NullObserver:
         pass
 
 
-AdapterSet = tuple[tuple[int, float], ...]
+AdapterSet = scheduler.AdapterSet
 
 
 # libc write() called through PyDLL keeps the GIL (ctypes.CDLL and os.write release it); see _Mailbox.
@@ -302,14 +290,6 @@ class _Plan:
     switched: bool
     prompt_outputs: list[tuple[_Slot, int, int]] = field(default_factory=list)
     """(slot, batch index, prompt position j): logits that score prompt token j + 1."""
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class Engine:
@@ -514,7 +494,7 @@ class Engine:
         params: SamplingParams,
         adapters: Sequence[tuple[LoraHandle, float]] = (),
     ) -> GenerationStream:
-        """Queue a request; raises QueueFull when `queue_max` requests already wait."""
+        """Queue a request; raises EngineBusy when `queue_max` requests already wait."""
         return self.submit_choices(prompt, params, adapters, n=1)[0]
 
     def submit_choices(
@@ -528,9 +508,9 @@ class Engine:
         """Queue ``n`` generations of one prompt (OpenAI's ``n``), one stream each. Choice ``i``
         samples with ``seed + i`` when a seed is given. Choices after the first wait for the
         first's prompt to be in the KV cache and copy it rather than compute it again. Raises
-        QueueFull when the queue has no room for all ``n``."""
+        EngineBusy when the queue has no room for all ``n``."""
         if not self.alive:
-            raise ServiceUnavailable("the model is not loaded yet")
+            raise EngineNotReady("the model is not loaded yet")
         if n < 1:
             raise ValueError("n must be at least 1")
         loop = asyncio.get_running_loop()
@@ -554,7 +534,7 @@ class Engine:
             # waiting requests first fill the free slots, then up to queue_max more may wait
             free = sum(1 for s in self.slots if s.run is None)
             if len(self._pending) + n - 1 >= free + self.config.queue_max:
-                raise QueueFull(
+                raise EngineBusy(
                     f"the server is at capacity ({self.config.parallel} running, {len(self._pending)} queued); "
                     "retry shortly",
                     retry_after=1,
@@ -632,9 +612,7 @@ class Engine:
                 free = [s for s in self.slots if s.run is None]
                 if not free:
                     return
-                # in order, except that a later choice of a prompt waits for the first one's prompt
-                i = next((i for i, r in enumerate(self._pending)
-                          if r.after is None or r.after.fed or r.after.ended or r.stream.cancelled), None)  # fmt: skip
+                i = scheduler.admissible(self._pending)
                 if i is None:
                     return
                 req = self._pending[i]
@@ -652,44 +630,15 @@ class Engine:
             self.observer.on_admit(time.monotonic() - req.submitted, n_keep)
 
     def _pick_slot(self, free: list[_Slot], req: _Request) -> tuple[_Slot, int]:
-        """Choose a free slot for `req`.
-
-        A long cached prefix under the same adapter set wins (a follow-up turn pays only for its new
-        message). Otherwise: a lane that runs only this adapter set or nothing, the least loaded
-        first (lanes decode side by side, so spreading work uses every core, and two adapter sets on
-        two lanes never take turns); and inside the lane, neighbouring slot ids for one adapter
-        group: llama.cpp decodes a batch in one pass only over consecutive sequence ids, so a group
-        scattered over 0, 2, 4, 6 costs four passes per step instead of one (measured: 35 ms vs 20
-        ms per step of 4).
-        """
+        """Take the free slot the policy chooses (scheduler.choose_slot) and keep the part of its KV
+        that is a prefix of `req.prompt`, or copy a longer one from another slot; returns the slot
+        and the prompt tokens already in its KV."""
         if req.params.prompt_logprobs is not None:  # every prompt position's logits are needed
-            best = max(free, key=lambda s: (s.kv_key == () and not s.kv_tokens, -s.last_used))
+            best = scheduler.choose_scoring_slot(free)
             self._forget(best)
             best.kv_key = req.adapters
             return best, 0
-        running = [s for s in self.slots if s.run is not None]
-        lane_keys = {lane.idx: {s.run.req.adapters for s in running if s.lane is lane} for lane in self.lanes}
-        lane_load = {lane.idx: sum(1 for s in running if s.lane is lane) for lane in self.lanes}
-
-        def placement(slot: _Slot) -> tuple[int, int, int, int]:
-            keys = lane_keys[slot.lane.idx]
-            lane_fits = 1 if keys <= {req.adapters} else 0
-            lane_running = [j for j in running if j.lane is slot.lane]
-            if any(abs(j.seq - slot.seq) == 1 and j.run.req.adapters == req.adapters for j in lane_running):
-                near = (1, 0)
-            else:  # start a new group far from the lane's other groups
-                others = [abs(j.seq - slot.seq) for j in lane_running if j.run.req.adapters != req.adapters]
-                near = (0, min(others, default=len(slot.lane.slots)))
-            return lane_fits, -lane_load[slot.lane.idx], *near
-
-        def score(slot: _Slot) -> tuple:
-            n = _common_prefix(slot.kv_tokens, req.prompt) if slot.kv_key == req.adapters else 0
-            if n >= PREFIX_WORTH_TOKENS:
-                return (1, n, *placement(slot), -slot.last_used)
-            return (0, *placement(slot), n, -slot.last_used)
-
-        best = max(free, key=score)
-        n = _common_prefix(best.kv_tokens, req.prompt) if best.kv_key == req.adapters else 0
+        best, n = scheduler.choose_slot(free, self.slots, self.lanes, req)
         n_keep = min(n, len(req.prompt) - 1)  # the last prompt token is always decoded for logits
         mem = best.lane.mem
         if best.kv_key != req.adapters or n_keep <= 0:
@@ -715,22 +664,10 @@ class Engine:
         out and written in now (`llama_state_seq_get/set_data`), so the donor's KV must already be
         computed: a slot whose own copy is still pending does not donate across lanes.
         """
-        limit = len(req.prompt) - 1  # the last prompt token is always decoded for logits
-        donor, best = None, n_keep
-        for other in self.slots:
-            if other is slot or other.kv_key != req.adapters:
-                continue
-            if other.lane is not slot.lane and (other.copy_pending or not other.kv_tokens):
-                continue
-            n = min(_common_prefix(other.kv_tokens, req.prompt), limit)
-            # same lane first: its copy is cheaper
-            if n > best or (n == best and donor is not None and n > n_keep and other.lane is slot.lane
-                            and donor.lane is not slot.lane):
-                donor, best = other, n
-        if donor is None or best - n_keep < max(SHARE_WORTH_TOKENS, self.n_ctx_seq // SHARE_CTX_PER_TOKEN):
+        chosen = scheduler.choose_donor(slot, self.slots, req, n_keep, self.n_ctx_seq)
+        if chosen is None:
             return n_keep
-        if donor.lane is not slot.lane and best - n_keep < len(donor.kv_tokens) // CROSS_LANE_TOKENS_PER_TOKEN:
-            return n_keep
+        donor, best = chosen
         mem = slot.lane.mem
         if donor.lane is slot.lane:
             C.llama_memory_seq_cp(mem, donor.seq, slot.seq, -1, -1)
@@ -767,20 +704,6 @@ class Engine:
             C.llama_sampler_free(chain)
             raise
 
-    def _choose_group(self, lane: _Lane, runnable: list[_Slot]) -> AdapterSet:
-        groups = {s.run.req.adapters for s in runnable}
-        cur = lane.ctx_key
-        if cur in groups and (len(groups) == 1 or lane.group_steps < self.config.turn_steps):
-            lane.group_steps += 1
-            return cur
-        # the group that has waited longest since it last ran takes the lane
-        others = [g for g in groups if g != cur] or [cur]
-        chosen = min(others, key=lambda g: lane.group_last_ran.get(g, 0.0))
-        if cur is not None and lane.group_steps:
-            self.observer.on_turn_end(lane.group_steps)
-        lane.group_steps = 1
-        return chosen
-
     def _apply_adapters(self, lane: _Lane, req: _Request) -> None:
         n = len(req.handles)
         if n == 0:
@@ -797,7 +720,7 @@ class Engine:
         runnable = [s for s in lane.slots if s.run is not None]
         if not runnable:
             return None
-        group = self._choose_group(lane, runnable)
+        group = scheduler.choose_group(lane, runnable, self.config.turn_steps, self.observer.on_turn_end)
         members = [s for s in runnable if s.run.req.adapters == group]
         switched = group != lane.ctx_key
         if switched:
@@ -853,18 +776,14 @@ class Engine:
         than another's (a prompt chunk next to a few decode tokens), side by side would leave the
         small lane's core idle while the big one runs on half the threads, so the lanes run one
         after another with all the threads, the small one first."""
-        sizes = [p.n_tokens for p in plans]
-        if len(plans) == 1 or max(sizes) <= SIDE_BY_SIDE_RATIO * min(sizes) + SIDE_BY_SIDE_SLACK:
-            self._decode_side_by_side(plans)
-            return
-        for plan in sorted(plans, key=lambda p: p.n_tokens):
-            self._decode_side_by_side([plan])
-            self._flush()  # the small lane's tokens go out before the big batch runs
+        rounds = scheduler.decode_rounds([p.n_tokens for p in plans])
+        for members in rounds:
+            self._decode_side_by_side([plans[j] for j in members])
+            if len(rounds) > 1:
+                self._flush()  # the small lane's tokens go out before the big batch runs
 
     def _decode_side_by_side(self, plans: list[_Plan]) -> None:
-        share, extra = divmod(self.config.n_threads, len(plans))
-        for i, plan in enumerate(plans):
-            t = max(1, share + (1 if i < extra else 0))
+        for plan, t in zip(plans, scheduler.thread_shares(self.config.n_threads, len(plans))):
             if plan.lane.threads != t:
                 C.llama_set_n_threads(plan.lane.ctx, t, t)
                 plan.lane.threads = t
@@ -928,7 +847,7 @@ class Engine:
             self._emit_rest(slot)
             self._finish(slot, finish_reason="length")
             return
-        hold = self._holdback(run.text, stops) if stops else 0
+        hold = scheduler.holdback(run.text, stops) if stops else 0
         upto = len(run.text) - hold
         if upto > run.emitted:
             self._emit(run.req.stream, TokenEvent(text=run.text[run.emitted:upto], logprobs=self._take_logprobs(run),
@@ -947,17 +866,6 @@ class Engine:
             return None
         out, run.logprobs = run.logprobs, []
         return out
-
-    @staticmethod
-    def _holdback(text: str, stops: tuple[str, ...]) -> int:
-        """Length of the longest suffix of `text` that could still become a stop string."""
-        best = 0
-        for s in stops:
-            for k in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
 
     def _emit_rest(self, slot: _Slot) -> None:
         run = slot.run
@@ -997,7 +905,7 @@ class Engine:
 
 # ---------------------------------------------------------------------------------------------
 # Probe: load an adapter file in a throw-away process, so a file that crashes llama.cpp's loader
-# takes down the probe, never the server. `python -m server.engine probe MODEL ADAPTER`.
+# takes down the probe, never the server. `python -m adapter_chat.engine probe MODEL ADAPTER`.
 
 
 def probe_adapter(
@@ -1009,7 +917,7 @@ def probe_adapter(
 
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "server.engine", "probe", str(model_path), str(adapter_path), str(n_gpu_layers)],
+            [sys.executable, "-m", "adapter_chat.engine", "probe", str(model_path), str(adapter_path), str(n_gpu_layers)],
             capture_output=True, timeout=timeout_s, text=True,
         )
     except subprocess.TimeoutExpired:
@@ -1044,4 +952,4 @@ if __name__ == "__main__":
     if len(sys.argv) in (4, 5) and sys.argv[1] == "probe":
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
         sys.exit(_probe_main(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) == 5 else 0))
-    sys.exit("usage: python -m server.engine probe MODEL ADAPTER [N_GPU_LAYERS]")
+    sys.exit("usage: python -m adapter_chat.engine probe MODEL ADAPTER [N_GPU_LAYERS]")

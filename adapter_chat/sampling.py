@@ -15,7 +15,7 @@ Owns:
 - per-token logprobs (:func:`token_logprobs`): a log-softmax of the logits the sampler saw, in
   numpy (no Python loop over the vocabulary).
 
-A binding module: with ``server/llama_vocab.py`` and ``server/engine.py`` the only server modules
+A binding module: with ``adapter_chat/llama_vocab.py`` and ``adapter_chat/engine.py`` the only modules
 that import ``llama_cpp``.
 """
 
@@ -27,9 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 import llama_cpp.llama_cpp as C
+import numpy as np
 from llama_cpp import llama_grammar
 
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed

@@ -2,7 +2,7 @@
 
 Owns docs/conversation-log.md. One code path for SQLite (the embedded default) and PostgreSQL (one
 log shared by replicas on several nodes): SQLAlchemy Core tables and statements here, the few
-differences between the two databases in server/db.py. Migrations are ordered functions
+differences between the two databases in adapter_chat/db.py. Migrations are ordered functions
 `m001_...`; `migrate(engine)` applies the missing ones and is safe to re-run. The server writes
 through `ConversationLog`, one thread fed by a queue, so the event loop never waits on the
 database. The trainer uses `open_db` and the trainer-run helpers.
@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection, Engine
 
-from server import db
+from adapter_chat import db
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +100,26 @@ schema_migrations = sa.Table(
 # change to a table adds a migration (an ALTER) and updates the Table above.
 
 
+# Registered in definition order by the decorator (simonw/llm's pattern), so a migration written
+# below cannot be left out of the list; each one's name is what `schema_migrations` records.
+MIGRATIONS: list[Callable[[Connection], None]] = []
+
+
+def migration(fn: Callable[[Connection], None]) -> Callable[[Connection], None]:
+    if any(m.__name__ == fn.__name__ for m in MIGRATIONS):
+        raise ValueError(f"migration {fn.__name__} is defined twice")
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
 def m001_initial(conn: Connection) -> None:
     metadata.create_all(conn, tables=[exchanges, feedback])
 
 
+@migration
 def m002_trainer_runs(conn: Connection) -> None:
     metadata.create_all(conn, tables=[trainer_runs])
-
-
-MIGRATIONS: list[Callable[[Connection], None]] = [m001_initial, m002_trainer_runs]
 
 
 def migrate(engine: Engine) -> list[str]:
@@ -129,7 +140,7 @@ def migrate(engine: Engine) -> list[str]:
 
 
 def open_db(target: db.Target, *, readonly: bool = False) -> Engine:
-    """An engine on the log at `target` (a SQLite path or a PostgreSQL URL: server/db.py), with the
+    """An engine on the log at `target` (a SQLite path or a PostgreSQL URL: adapter_chat/db.py), with the
     current schema unless `readonly`. The caller disposes of it."""
     engine = db.open_engine(target, readonly=readonly)
     if not readonly:

@@ -31,7 +31,7 @@ import gguf
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from server.gguf_info import BaseModelInfo, field_value, numpy_shape, sha256_file
+from adapter_chat.gguf_info import BaseModelInfo, field_value, numpy_shape, sha256_file
 
 __all__ = [
     "AdapterInvalid",

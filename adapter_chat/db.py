@@ -14,7 +14,7 @@ Everything that differs between the two databases lives here, and only here:
 - serialising migrations between processes that start at the same time (`migration_lock`);
 - whether other replicas write the same log (`is_shared`).
 
-The statements themselves are SQLAlchemy Core, shared by both (server/store.py).
+The statements themselves are SQLAlchemy Core, shared by both (adapter_chat/store.py).
 """
 
 from __future__ import annotations

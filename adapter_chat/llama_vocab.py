@@ -3,7 +3,7 @@
 Owns: the ctypes calls that turn text into token ids (``llama_tokenize``) for both the server's
 engine and the trainer, so prompts served and windows trained are tokenized by the same code.
 Binding module: it imports ``llama_cpp``; the logic of what is parsed how lives in
-``server.chat_template.tokenize_conversation``.
+``adapter_chat.chat_template.tokenize_conversation``.
 """
 
 from __future__ import annotations
