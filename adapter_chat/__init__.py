@@ -5,8 +5,10 @@ other (`make lint` checks it; the contracts are in pyproject.toml). Modules, eac
 
 - `registry`: the adapter format: names, manifests, validation, atomic publish and rollback, so the
   trainer publishes only what the server will load;
+- `identity`: which adapter is meant (`AdapterRef` unresolved, `AdapterUse` resolved) and `PathKind`;
 - `gguf_info`: GGUF headers (sha256, architecture, tensor shapes, the chat template);
 - `store`: the conversation log's tables, their migrations, the writer thread, trainer-run records;
+- `records`: the log's rows as typed records, each with its to-row or from-row;
 - `db`: SQLite or PostgreSQL behind one SQLAlchemy engine, every difference between the two;
 - `chat_template`: rendering a conversation, and the one tokenization (ids + loss mask) used by
   serving, training and evaluation alike;

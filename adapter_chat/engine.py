@@ -50,10 +50,10 @@ from typing import Any, Protocol
 import llama_cpp._logger as llama_logger
 import llama_cpp.llama_cpp as C
 
-from adapter_chat.chat_template import Segment, tokenize_segments
 from adapter_chat import scheduler
+from adapter_chat.chat_template import Segment, tokenize_segments
 from adapter_chat.errors import EngineBusy, EngineNotReady
-from adapter_chat.llama_model import model_params
+from adapter_chat.llama_model import ModelLoadError, load_model, model_params
 from adapter_chat.llama_vocab import LlamaVocab
 from adapter_chat.sampling import (
     GrammarSampling,
@@ -321,10 +321,7 @@ class Engine:
         cfg = self.config
         llama_logger.set_verbose(False)
         C.llama_backend_init()
-        mparams = model_params(cfg.n_gpu_layers)
-        model = C.llama_model_load_from_file(str(cfg.model_path).encode(), mparams)
-        if not model:
-            raise RuntimeError(f"llama.cpp could not load the model {cfg.model_path}")
+        model = load_model(cfg.model_path, n_gpu_layers=cfg.n_gpu_layers)
         self.model = model
         self.vocab = C.llama_model_get_vocab(model)
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
@@ -935,8 +932,9 @@ def _probe_main(model_path: str, adapter_path: str, n_gpu_layers: int = 0) -> in
     C.llama_backend_init()
     params = model_params(n_gpu_layers)
     print(f"n_gpu_layers {params.n_gpu_layers}", file=sys.stderr)
-    model = C.llama_model_load_from_file(model_path.encode(), params)
-    if not model:
+    try:
+        model = load_model(model_path, params)
+    except ModelLoadError:
         print("base model failed to load")
         return 2
     adapter = C.llama_adapter_lora_init(model, adapter_path.encode())

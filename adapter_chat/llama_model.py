@@ -1,7 +1,9 @@
-"""llama.cpp model params for every model load, in the server and the trainer (binding).
+"""Every llama.cpp model load, in the server and the trainer (binding).
 
-Owns the GPU offload decision: ``n_gpu_layers`` layers go to a GPU; a CPU-only build of llama.cpp
-ignores them, so say so once per load and run on the CPU."""
+Owns the model params (the GPU offload decision: ``n_gpu_layers`` layers go to a GPU; a CPU-only
+build of llama.cpp ignores them, so say so once per load and run on the CPU) and the load itself,
+with one error when llama.cpp returns no model. The engine, its probe and the trainer's binding
+all load through `load_model`."""
 
 from __future__ import annotations
 
@@ -23,3 +25,17 @@ def model_params(n_gpu_layers: int) -> Any:
             "the CPU (build the CUDA wheel with `make setup GPU=cuda`)", params.n_gpu_layers,
         )  # fmt: skip
     return params
+
+
+class ModelLoadError(RuntimeError):
+    """llama.cpp returned no model for a file (missing, not a GGUF, an unknown architecture)."""
+
+
+def load_model(path: Any, params: Any = None, *, n_gpu_layers: int = 0, what: str = "model") -> Any:
+    """``llama_model_load_from_file`` with ``params`` (default: `model_params(n_gpu_layers)`);
+    raises ModelLoadError naming the file. The caller frees it (``llama_model_free``)."""
+    params = model_params(n_gpu_layers) if params is None else params
+    model = C.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise ModelLoadError(f"llama.cpp could not load the {what} {path}")
+    return model

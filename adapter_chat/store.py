@@ -24,6 +24,7 @@ from sqlalchemy import exc
 from sqlalchemy.engine import Connection, Engine
 
 from adapter_chat import db
+from adapter_chat.records import ExchangeEnd, ExchangeStart, FeedbackRecord, TrainerRun
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +190,8 @@ def finish_trainer_run(
         )  # fmt: skip
 
 
-_RUN_COLUMNS = ("id", "adapter", "started_at", "finished_at", "status", "version", "reason", "metrics")
-
-
-def _runs(engine: Engine, query: sa.Select) -> list[dict[str, Any]]:
-    """Run rows as dicts, metrics parsed; [] for a log older than the trainer_runs migration."""
+def _runs(engine: Engine, query: sa.Select) -> list[TrainerRun]:
+    """Run rows as records (`TrainerRun.from_row`); [] for a log older than the trainer_runs migration."""
     try:
         with engine.connect() as c:
             rows = c.execute(query).fetchall()
@@ -202,34 +200,26 @@ def _runs(engine: Engine, query: sa.Select) -> list[dict[str, Any]]:
         if "no such table" in text or "does not exist" in text:
             return []
         raise
-    out = []
-    for row in rows:
-        d = dict(row._mapping)
-        try:
-            d["metrics"] = json.loads(d["metrics"]) if d["metrics"] else {}
-        except ValueError:  # a run row is written by another process; never let one bad row hide the rest
-            d["metrics"] = {}
-        out.append(d)
-    return out
+    return [TrainerRun.from_row(row) for row in rows]
 
 
-def last_trainer_runs(engine: Engine) -> list[dict[str, Any]]:
+def last_trainer_runs(engine: Engine) -> list[TrainerRun]:
     """The latest run per adapter."""
     t = trainer_runs
     newest = sa.select(sa.func.max(t.c.id)).group_by(t.c.adapter).scalar_subquery()
-    cols = [t.c[k] for k in _RUN_COLUMNS if k != "id"]
+    cols = [t.c[k] for k in TrainerRun.COLUMNS]
     return _runs(engine, sa.select(*cols).where(t.c.id.in_(newest)).order_by(t.c.adapter))
 
 
-def recent_trainer_runs(engine: Engine, *, limit: int = 20, adapter: str | None = None) -> list[dict[str, Any]]:
+def recent_trainer_runs(engine: Engine, *, limit: int = 20, adapter: str | None = None) -> list[TrainerRun]:
     """The newest `limit` runs, newest first, optionally of one adapter (read by GET /v1/runs)."""
     t = trainer_runs
-    q = sa.select(*(t.c[k] for k in _RUN_COLUMNS)).order_by(t.c.id.desc()).limit(limit)
+    q = sa.select(*(t.c[k] for k in TrainerRun.COLUMNS)).order_by(t.c.id.desc()).limit(limit)
     return _runs(engine, q if adapter is None else q.where(t.c.adapter == adapter))
 
 
 def read_trainer_runs(target: db.Target, *, limit: int = 20, adapter: str | None = None,
-                      latest: bool = False) -> list[dict[str, Any]]:
+                      latest: bool = False) -> list[TrainerRun]:
     """The runs of the log at `target`, read-only: `recent_trainer_runs`, or with `latest` the
     latest run per adapter (`last_trainer_runs`); [] when there is no log yet."""
     if not db.exists(target):
@@ -244,12 +234,7 @@ def read_trainer_runs(target: db.Target, *, limit: int = 20, adapter: str | None
 # ---------------------------------------------------------------------------------------------
 # The server's writer
 
-EXCHANGE_COLUMNS = (
-    "id", "created_at", "finished_at", "status", "model", "route", "path_kind", "fallback_reason",
-    "adapters", "adapter_name", "adapter_version", "system_prompt", "messages", "response",
-    "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "ttft_ms", "duration_ms",
-    "params", "user", "conversation_id", "error", "replica",
-)  # fmt: skip
+EXCHANGE_COLUMNS = tuple(exchanges.c.keys())
 JSON_COLUMNS = {"adapters", "messages", "params"}
 
 
@@ -328,16 +313,21 @@ class ConversationLog:
         self._thread = threading.Thread(target=self._run, name="conversation-log", daemon=True)
         self._thread.start()
 
-    def begin(self, row: dict[str, Any]) -> None:
-        row = {**row, "status": "in_progress", "replica": self._replica}
+    def begin(self, row: ExchangeStart | dict[str, Any]) -> None:
+        """Queue the `in_progress` row of an admitted request (a dict of the same columns is
+        accepted for fixtures that leave some out)."""
+        row = {**(row.to_row() if isinstance(row, ExchangeStart) else row), "status": "in_progress",
+               "replica": self._replica}  # fmt: skip
         self._queue.put(("begin", _encode(row)))
 
-    def finish(self, exchange_id: str, fields: dict[str, Any]) -> None:
+    def finish(self, exchange_id: str, end: ExchangeEnd | dict[str, Any]) -> None:
+        """Queue the columns a request fills when it ends (or a dict of some of them)."""
+        fields = end.to_row() if isinstance(end, ExchangeEnd) else end
         self._queue.put(("finish", (exchange_id, _encode({**fields, "finished_at": time.time()}))))
 
     def add_feedback(self, response_id: str, rating: int, corrected: str | None, comment: str | None) -> None:
-        self._queue.put(("feedback", {"response_id": db.text(response_id), "created_at": time.time(), "rating": rating,
-                                      "corrected": db.text(_utf8(corrected)), "comment": db.text(_utf8(comment))}))
+        fb = FeedbackRecord(db.text(response_id), time.time(), rating, db.text(_utf8(corrected)), db.text(_utf8(comment)))
+        self._queue.put(("feedback", fb.to_row()))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued before this call is on disk; False when it is not (the

@@ -17,10 +17,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from adapter_chat import registry
 from adapter_chat.engine import Engine, LoraHandle
+from adapter_chat.identity import AdapterUse
 from server.adapter_catalog import AdapterVersionInfo
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,10 @@ class Lease:
         return [(loaded.handle, scale) for loaded, _, scale in self._items]
 
     @property
-    def versions(self) -> list[dict[str, Any]]:
-        return [{"name": info.name, "version": info.version, "scale": scale} for _, info, scale in self._items]
+    def uses(self) -> list[AdapterUse]:
+        """The leased versions, in request order, each with the scale it is applied at."""
+        return [AdapterUse(info.name, info.version, scale, info.path, info.manifest.sha256)
+                for _, info, scale in self._items]  # fmt: skip
 
     def release(self) -> None:
         if not self._released:

@@ -15,6 +15,7 @@ from typing import Any
 
 from adapter_chat.engine import Engine
 from adapter_chat.gguf_info import BaseModelInfo
+from adapter_chat.identity import AdapterRef
 from server.adapter_cache import AdapterCache, Lease, PoolObserver
 from server.adapter_catalog import AdapterCatalog, AdapterVersionInfo
 
@@ -92,9 +93,9 @@ class AdapterPool:
             except Exception:
                 log.exception("adapter watch failed; will retry")
 
-    async def acquire(self, specs: list[tuple[str, float]]) -> Lease:
-        """Resolve each `(name or name@N, scale)` and load it, holding all until `Lease.release()`."""
-        return await self.cache.acquire([(self.catalog.resolve(ref), scale) for ref, scale in specs])
+    async def acquire(self, refs: list[AdapterRef]) -> Lease:
+        """Resolve each reference (name or name@N, scale) and load it, holding all until `Lease.release()`."""
+        return await self.cache.acquire([(self.catalog.resolve(r.name), r.scale) for r in refs])
 
     def close(self) -> None:
         self.cache.close()

@@ -37,6 +37,7 @@ from adapter_chat import db
 from adapter_chat.chat_template import ChatTemplate
 from adapter_chat.engine import Engine, EngineConfig
 from adapter_chat.gguf_info import BaseModelInfo
+from adapter_chat.records import TrainerRun
 from adapter_chat.store import ConversationLog, read_trainer_runs
 from server import adapter_upload, protocol, tools
 from server.adapter_pool import AdapterPool
@@ -433,7 +434,7 @@ def _model_cards(state: AppState) -> list[dict[str, Any]]:
         cards.append(protocol.model_card(
             name, "route", parent=base, kind="route", description=route.description,
             paths=[p for p, ok in (("prompt", route.has_prompt_path), ("finetuned", route.has_finetuned_path)) if ok],
-            split=route.split, adapters=[{"name": n, "scale": s} for n, s in route.adapters],
+            split=route.split, adapters=[a.model_dump() for a in route.adapters],
         ))  # fmt: skip
     for name, versions in sorted(chat.pool.available.items()):
         current = chat.pool.current[name]
@@ -530,7 +531,7 @@ async def list_runs(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [protocol.trainer_run(r) for r in rows]}
 
 
-def _trainer_runs(target: db.Target, limit: int, adapter: str | None) -> list[dict[str, Any]]:
+def _trainer_runs(target: db.Target, limit: int, adapter: str | None) -> list[TrainerRun]:
     return read_trainer_runs(target, limit=limit, adapter=adapter)
 
 

@@ -18,6 +18,8 @@ from typing import Any
 from adapter_chat import registry
 from adapter_chat.chat_template import ChatTemplate, ChatTemplateError
 from adapter_chat.engine import Engine, GenerationStream
+from adapter_chat.identity import AdapterRef, AdapterUse, PathKind, metrics_labels
+from adapter_chat.records import ExchangeEnd, ExchangeStart
 from adapter_chat.sampling import (
     JSON_OBJECT_GRAMMAR,
     GrammarError,
@@ -30,7 +32,7 @@ from adapter_chat.store import ConversationLog
 from server import tools
 from server.adapter_pool import AdapterPool, Lease
 from server.errors import ContextOverflow, EngineFailure, InvalidRequest, NotFound
-from server.metrics import Metrics, adapters_label
+from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from server.routes import Plan, RouteTable
 from server.settings import Settings
@@ -75,7 +77,7 @@ class Exchange:
     choices: list[Choice]
     prompt_tokens: int
     headers: dict[str, str]
-    adapters: list[dict[str, Any]]
+    adapters: list[AdapterUse]
     logged: bool
     started: float = field(default_factory=time.monotonic)
     ttft: float | None = None
@@ -151,12 +153,12 @@ class ChatService:
         model = req.model
         route = self.routes.get(model)
         if route is not None:
-            refs = [ref for ref, _ in route.adapters]
+            refs = [a.name for a in route.adapters]
             plan = self.routes.plan(route, sticky_key=sticky_key, available=self.pool.availability(refs))
-            if plan.path_kind == "finetuned" and plan.fallback_reason:
+            if plan.path_kind == PathKind.FINETUNED and plan.fallback_reason:
                 raise NotFound(f"route {model!r} cannot be served: {plan.fallback_reason}", param="model")
         elif model == self.base_name or model in BASE_ALIASES:
-            plan = Plan("base", "base")
+            plan = Plan("base", PathKind.BASE)
         else:
             try:
                 info = self.pool.resolve(model)
@@ -166,16 +168,16 @@ class ChatService:
                 if "@" in model or model.partition("@")[0] in self.pool.available:
                     raise NotFound(str(e), param="model") from None
                 raise NotFound(self._unknown_model(model), param="model") from None
-            plan = Plan(f"adapter:{info.name}", "finetuned", ((model, 1.0),))
+            plan = Plan(f"adapter:{info.name}", PathKind.FINETUNED, (AdapterRef(name=model),))
         if req.adapters is not None:  # per-request override, as llama-server's `lora` field
-            specs = tuple((a.name, a.scale) for a in req.adapters)
-            for ref, _ in specs:
+            specs = tuple(req.adapters)
+            for a in specs:
                 try:
-                    self.pool.resolve(ref)
+                    self.pool.resolve(a.name)
                 except registry.RegistryError as e:
                     raise NotFound(str(e), param="adapters") from None
-            kind = "finetuned" if specs else ("base" if plan.path_kind == "base" else "prompt")
-            plan = Plan(plan.route, kind, specs, plan.system_prompt if kind != "finetuned" else None,
+            kind = PathKind.FINETUNED if specs else (PathKind.BASE if plan.path_kind == PathKind.BASE else PathKind.PROMPT)
+            plan = Plan(plan.route, kind, specs, plan.system_prompt if kind != PathKind.FINETUNED else None,
                         plan.params, plan.log)
         return plan
 
@@ -318,7 +320,7 @@ class ChatService:
         sticky = req.user or (prompts[0] if isinstance(prompts[0], str) else "")
         plan = self._plan(req, sticky)
         if plan.system_prompt:
-            plan = replace(plan, system_prompt=None, path_kind="base" if plan.path_kind == "prompt" else plan.path_kind)
+            plan = replace(plan, system_prompt=None, path_kind=PathKind.BASE if plan.path_kind == PathKind.PROMPT else plan.path_kind)
         work: list[tuple[list[int], SamplingParams, str]] = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
@@ -375,7 +377,7 @@ class ChatService:
             if lease:
                 lease.release()
             raise
-        adapters = lease.versions if lease else []
+        adapters = lease.uses if lease else []
         ex = Exchange(
             id=f"{prefix}-{secrets.token_hex(12)}",
             created=int(time.time()),
@@ -391,8 +393,8 @@ class ChatService:
         ex.headers = {
             "X-Request-Id": ex.id,
             "X-Route": plan.route,
-            "X-Route-Path": plan.path_kind,
-            "X-Adapters": ",".join(f"{a['name']}@{a['version']}:{a['scale']:g}" for a in adapters),
+            "X-Route-Path": str(plan.path_kind),
+            "X-Adapters": ",".join(a.header() for a in adapters),
         }
         if plan.fallback_reason:
             ex.headers["X-Route-Fallback"] = plan.fallback_reason[:200].encode("ascii", "replace").decode()
@@ -400,13 +402,14 @@ class ChatService:
             log.warning("route %s fell back to its prompt path: %s", plan.route, plan.fallback_reason)
         self.metrics.in_flight.inc()
         if ex.logged:
-            first = adapters[0] if adapters else {}
-            self.log.begin({
-                "id": ex.id, "created_at": time.time(), "model": req.model, "route": plan.route,
-                "path_kind": plan.path_kind, "fallback_reason": plan.fallback_reason, "adapters": adapters,
-                "adapter_name": first.get("name"), "adapter_version": first.get("version"),
-                "user": req.user, "conversation_id": conversation_id, **log_fields,
-            })  # fmt: skip
+            first = adapters[0] if adapters else None
+            self.log.begin(ExchangeStart(
+                id=ex.id, created_at=time.time(), model=req.model, route=plan.route,
+                path_kind=str(plan.path_kind), fallback_reason=plan.fallback_reason,
+                adapters=[a.to_log() for a in adapters],
+                adapter_name=first.name if first else None, adapter_version=first.version if first else None,
+                user=req.user, conversation_id=conversation_id, **log_fields,
+            ))  # fmt: skip
         return ex
 
     async def run(self, ex: Exchange) -> AsyncIterator[Delta]:
@@ -485,7 +488,7 @@ class ChatService:
             ex.lease.release()
         elapsed = time.monotonic() - ex.started
         plan = ex.plan
-        adapter, version = adapters_label(ex.adapters)
+        adapter, version = metrics_labels(ex.adapters)
         m = self.metrics
         m.in_flight.dec()
         code = {"completed": "200", "client_disconnected": "499", "error": "500"}.get(status, status)
@@ -496,12 +499,12 @@ class ChatService:
         if ex.ttft is not None:
             m.ttft.labels(plan.route, plan.path_kind).observe(ex.ttft)
         if ex.logged:
-            self.log.finish(ex.id, {
-                "status": status, "response": ex.text, "finish_reason": ex.finish_reason,
-                "prompt_tokens": ex.prompt_tokens, "completion_tokens": ex.completion_tokens,
-                "cached_tokens": ex.cached_tokens, "ttft_ms": None if ex.ttft is None else ex.ttft * 1000,
-                "duration_ms": elapsed * 1000, "error": error,
-            })  # fmt: skip
+            self.log.finish(ex.id, ExchangeEnd(
+                status=status, response=ex.text, finish_reason=ex.finish_reason,
+                prompt_tokens=ex.prompt_tokens, completion_tokens=ex.completion_tokens,
+                cached_tokens=ex.cached_tokens, ttft_ms=None if ex.ttft is None else ex.ttft * 1000,
+                duration_ms=elapsed * 1000, error=error,
+            ))  # fmt: skip
 
     def route_label_known(self, route: str) -> bool:
         return route in self.routes.routes or route == "base" or route.startswith("adapter:")

@@ -41,10 +41,10 @@ class _TrainerRuns(Collector):
             log.warning("cannot read the trainer's runs from %s", db.describe(self.target), exc_info=True)
             runs = []
         for run in runs:
-            ts.add_metric([run["adapter"]], run["started_at"])
+            ts.add_metric([run.adapter], run.started_at)
             for s in TRAINER_STATUSES:
-                status.add_metric([run["adapter"], s], 1.0 if run["status"] == s else 0.0)
-            version.add_metric([run["adapter"]], float(run["version"] or 0))
+                status.add_metric([run.adapter, s], 1.0 if run.status == s else 0.0)
+            version.add_metric([run.adapter], float(run.version or 0))
         yield ts
         yield status
         yield version
@@ -151,9 +151,5 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def adapters_label(adapters: list[dict]) -> tuple[str, str]:
-    """(adapter, version) label values for a request's adapters: '' when none, '+'-joined when many."""
-    if not adapters:
-        return "", ""
-    return "+".join(a["name"] for a in adapters), "+".join(str(a["version"]) for a in adapters)
+# a request's (adapter, version) label values: adapter_chat.identity.metrics_labels
 

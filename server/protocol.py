@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from adapter_chat.identity import AdapterRef
+from adapter_chat.records import TrainerRun
 from server.errors import InvalidRequest, Unsupported
 
 MAX_STOP = 16
@@ -74,12 +76,6 @@ class ChatMessage(BaseModel):
         return "".join(out)
 
 
-class AdapterSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=200)
-    scale: float = Field(1.0, ge=-4.0, le=4.0, allow_inf_nan=False)
-
-
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
@@ -132,7 +128,7 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
-    adapters: list[AdapterSpec] | None = Field(None, max_length=8)
+    adapters: list[AdapterRef] | None = Field(None, max_length=8)
     logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
     response_format: ResponseFormat | None = None
@@ -480,26 +476,16 @@ def model_card(id_: str, owned_by: str, parent: str | None = None, **extra: Any)
     return card
 
 
-def trainer_run(row: dict[str, Any]) -> dict[str, Any]:
+def trainer_run(run: TrainerRun) -> dict[str, Any]:
     """One `trainer_runs` row on the wire (GET /v1/runs).
 
     The evaluation's greedy samples are left out: they are held-out prompts from users'
     conversations, which an API key does not otherwise give access to. Their count stays.
     """
-    metrics = dict(row.get("metrics") or {})
+    metrics = dict(run.metrics)
     ev = metrics.get("eval")
     if isinstance(ev, dict) and "samples" in ev:
         samples = ev["samples"]
         metrics["eval"] = {k: v for k, v in ev.items() if k != "samples"}
         metrics["eval"]["n_samples"] = len(samples) if isinstance(samples, list) else 0
-    return {
-        "object": "trainer.run",
-        "id": row["id"],
-        "adapter": row["adapter"],
-        "started_at": row["started_at"],
-        "finished_at": row["finished_at"],
-        "status": row["status"],
-        "version": row["version"],
-        "reason": row["reason"],
-        "metrics": metrics,
-    }
+    return {"object": "trainer.run", **run.to_json(), "metrics": metrics}

@@ -21,14 +21,13 @@ import hashlib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapter_chat.chat_template import ChatTemplateError, render_system_prompt, sandbox
+from adapter_chat.identity import AdapterRef, PathKind
 from adapter_chat.registry import InvalidAdapterName, parse_ref
-
-PathKind = Literal["prompt", "finetuned", "base"]
 
 PARAM_KEYS = {
     "temperature", "top_p", "top_k", "min_p", "max_tokens", "presence_penalty", "frequency_penalty",
@@ -38,12 +37,6 @@ PARAM_KEYS = {
 
 class RoutesFileError(ValueError):
     """The routes file or one of its templates is invalid; the message lists every problem."""
-
-
-class AdapterRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    scale: float = Field(1.0, ge=-4.0, le=4.0)
 
 
 class RouteSpec(BaseModel):
@@ -64,7 +57,7 @@ class Route:
 
     name: str
     prompt_system: str | None  # rendered system prompt of the prompt path
-    adapters: tuple[tuple[str, float], ...]  # finetuned path: (adapter ref, scale)
+    adapters: tuple[AdapterRef, ...]  # the finetuned path's adapters
     adapter_system: str | None
     split: float  # percent of conversations sent to the finetuned path
     log: bool
@@ -86,7 +79,7 @@ class Plan:
 
     route: str
     path_kind: PathKind
-    adapters: tuple[tuple[str, float], ...] = ()
+    adapters: tuple[AdapterRef, ...] = ()
     system_prompt: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     log: bool = True
@@ -148,16 +141,16 @@ class RouteTable:
         if route.has_finetuned_path:
             to_finetuned = not route.has_prompt_path or bucket(f"{route.name}:{sticky_key}") < route.split
             if to_finetuned:
-                missing = [f"{ref}: {available.get(ref) or 'unknown'}" for ref, _ in route.adapters
-                           if available.get(ref, "not found") is not None]
+                missing = [f"{a.name}: {available.get(a.name) or 'unknown'}" for a in route.adapters
+                           if available.get(a.name, "not found") is not None]
                 if not missing:
-                    return Plan(route.name, "finetuned", route.adapters, route.adapter_system, base, route.log)
+                    return Plan(route.name, PathKind.FINETUNED, route.adapters, route.adapter_system, base, route.log)
                 if route.prompt_system is None:
-                    return Plan(route.name, "finetuned", route.adapters, route.adapter_system, base, route.log,
+                    return Plan(route.name, PathKind.FINETUNED, route.adapters, route.adapter_system, base, route.log,
                                 fallback_reason="; ".join(missing))
-                return Plan(route.name, "prompt", (), route.prompt_system, base, route.log,
+                return Plan(route.name, PathKind.PROMPT, (), route.prompt_system, base, route.log,
                             fallback_reason="adapter unavailable: " + "; ".join(missing))
-        return Plan(route.name, "prompt", (), route.prompt_system, base, route.log)
+        return Plan(route.name, PathKind.PROMPT, (), route.prompt_system, base, route.log)
 
 
 def _template(prompts_dir: Path, name: str, variables: dict[str, Any]) -> str:
@@ -184,7 +177,7 @@ def _build(name: str, spec: RouteSpec, prompts_dir: Path) -> Route:
     return Route(
         name=name,
         prompt_system=prompt,
-        adapters=tuple((a.name, a.scale) for a in spec.adapters),
+        adapters=tuple(spec.adapters),
         adapter_system=adapter_prompt,
         split=split,
         log=spec.log,

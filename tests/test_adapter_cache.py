@@ -60,7 +60,7 @@ def test_a_version_no_longer_served_is_freed_only_when_its_last_lease_goes(tmp_p
         a = version(tmp_path, "a", 1)
         lease = await cache.acquire([(a, 1.0)])
         cache.retire(lambda key, sha: False)  # the rescan dropped a@1
-        assert engine.freed == [] and lease.versions == [{"name": "a", "version": 1, "scale": 1.0}]
+        assert engine.freed == [] and [(u.key, u.scale) for u in lease.uses] == [("a@1", 1.0)]
         lease.release()
         assert engine.freed == ["a-v1.gguf"] and cache.loaded_keys == []
 

@@ -265,3 +265,56 @@ def test_the_trainer_config_accepts_exactly_the_optimizers_the_binding_knows() -
     from trainer import config, llama_opt
 
     assert set(config.OPTIMIZERS) == set(llama_opt.OPTIMIZERS)
+
+
+def test_one_adapter_use_gives_the_header_the_log_entry_and_the_metrics_labels() -> None:
+    """The resolved adapter is one object; the three places a user reads it agree on its shape
+    (README: X-Adapters; docs/conversation-log.md: the adapters column; the metrics' labels)."""
+    from adapter_chat.identity import AdapterRef, AdapterUse, PathKind, metrics_labels
+
+    a = AdapterUse("house", 3, 0.5, Path("adapters/house/v3.gguf"), "ab" * 32)
+    b = AdapterUse("legal", 1, 1.0, Path("adapters/legal/v1.gguf"), "cd" * 32)
+    assert [u.header() for u in (a, b)] == ["house@3:0.5", "legal@1:1"]
+    assert a.to_log() == {"name": "house", "version": 3, "scale": 0.5}
+    assert metrics_labels([a, b]) == ("house+legal", "3+1") and metrics_labels([]) == ("", "")
+    assert json.dumps({"path_kind": PathKind.FINETUNED}) == '{"path_kind": "finetuned"}'
+    with pytest.raises(ValueError, match="scale"):
+        AdapterRef(name="house", scale=float("nan"))
+
+
+def test_the_log_records_name_only_real_columns_and_cover_every_exchange_column() -> None:
+    """The records (adapter_chat/records.py) and the tables (adapter_chat/store.py) spell the log's
+    columns once each: a column added to one and not the other fails here, not in a nightly."""
+    from dataclasses import fields
+
+    from adapter_chat import records, store
+
+    cols = set(store.exchanges.c.keys())
+    start = {f.name for f in fields(records.ExchangeStart)}
+    end = {f.name for f in fields(records.ExchangeEnd)}
+    assert start <= cols and end <= cols and set(records.ExchangeRecord.COLUMNS) <= cols
+    assert start | end | {"finished_at", "replica"} == cols  # the writer sets those two itself
+    assert {f.name for f in fields(records.FeedbackRecord)} == set(store.feedback.c.keys()) - {"id"}
+    assert set(records.TrainerRun.COLUMNS) == set(store.trainer_runs.c.keys())
+    bad = records.TrainerRun.from_row({"id": 1, "adapter": "a", "started_at": 1.0, "finished_at": None,
+                                       "status": "failed", "version": None, "reason": None, "metrics": "{oops"})
+    assert bad.metrics == {}  # a row another process wrote badly never hides the rest
+
+
+def test_every_train_setting_reaches_the_training_run() -> None:
+    """`[train]` in trainer.toml (TrainSettings) becomes the run's TrainConfig by name: a setting
+    changed in the file is the setting the run uses (none dropped on the way, as a hand-written
+    copy of twenty fields could)."""
+    import dataclasses
+
+    from trainer.config import TrainSettings
+    from trainer.finetune import TrainConfig
+
+    t = TrainSettings(n_ctx=768, epochs=3, method="full", rank=4, alpha=8.0, quantized_base=True, top_layers=7,
+                      checkpoint_every=9, warmup_steps=11, windows="stream", lr=3e-3, optimizer="sgd",
+                      weight_decay=0.01, targets=("attn_q",), seed=5, schedule="cosine", lr_min=1e-5)
+    cfg = TrainConfig.from_settings(t, base_model=Path("m.gguf"), cache_dir=Path("c"), threads=3, n_gpu_layers=2)
+    shared = {f.name for f in dataclasses.fields(TrainConfig)} & {f.name for f in dataclasses.fields(TrainSettings)}
+    assert len(shared) >= 17
+    assert {n: getattr(cfg, n) for n in shared} == {n: getattr(t, n) for n in shared}
+    assert (cfg.threads, cfg.n_gpu_layers, cfg.base_model) == (3, 2, Path("m.gguf"))

@@ -399,18 +399,18 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     path = db.describe(target)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([r.to_json() for r in rows], indent=2))
         return EXIT_OK
     if not rows:
         print(f"no runs recorded yet in {path}")
         return EXIT_OK
     print(f"{'id':>5}  {'adapter':<20} {'started':<19}  {'took':>7}  {'status':<11} {'ver':>4}  reason")
     for r in rows:
-        took = f"{r['finished_at'] - r['started_at']:.0f}s" if r["finished_at"] else "-"
-        version = str(r["version"]) if r["version"] is not None else "-"
-        reason = (r["reason"] or "").replace("\n", " ")
-        print(f"{r['id']:>5}  {r['adapter']:<20} {_fmt_time(r['started_at']):<19}  {took:>7}  "
-              f"{r['status']:<11} {version:>4}  {reason[:100]}")  # fmt: skip
+        took = f"{r.finished_at - r.started_at:.0f}s" if r.finished_at else "-"
+        version = str(r.version) if r.version is not None else "-"
+        reason = (r.reason or "").replace("\n", " ")
+        print(f"{r.id:>5}  {r.adapter:<20} {_fmt_time(r.started_at):<19}  {took:>7}  "
+              f"{r.status:<11} {version:>4}  {reason[:100]}")  # fmt: skip
     return EXIT_OK
 
 

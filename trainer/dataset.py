@@ -37,6 +37,7 @@ from sqlalchemy import exc
 
 from adapter_chat import db
 from adapter_chat.chat_template import ChatTemplate, ChatTemplateError
+from adapter_chat.records import ExchangeRecord
 from trainer.config import AdapterConfig, SourceConfig, TrainerConfig
 
 TokenCounter = Callable[[str], int]
@@ -297,10 +298,7 @@ def expand_paths(patterns: Iterable[str | Path]) -> tuple[list[db.Target], list[
 # ---------------------------------------------------------------------------------------------
 # The conversation log
 
-_EXCHANGE_COLUMNS = (
-    "id", "created_at", "status", "route", "path_kind", "adapter_name", "system_prompt",
-    "messages", "response", "finish_reason", "conversation_id",
-)  # fmt: skip
+_EXCHANGE_COLUMNS = ExchangeRecord.COLUMNS  # what a dataset reads of an exchange (adapter_chat/records.py)
 
 
 @dataclass

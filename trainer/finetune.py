@@ -18,6 +18,7 @@ Loss: only assistant tokens (and their end-of-turn token) are targets; see :mod:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -121,6 +122,15 @@ class TrainConfig:
             problems.append(f"alpha must be > 0, got {self.alpha}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, base_model: Path, cache_dir: Path, threads: int,
+                      n_gpu_layers: int = 0) -> TrainConfig:
+        """The run's config from an adapter's ``[train]`` (``trainer.config.TrainSettings``): every
+        setting the two define, taken by name, so a new one cannot be dropped on the way."""
+        shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(settings)}
+        return cls(base_model=base_model, cache_dir=cache_dir, threads=threads, n_gpu_layers=n_gpu_layers,
+                   **{name: getattr(settings, name) for name in shared})  # fmt: skip
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate for 0-based ``step`` of ``total_steps`` (linear warm-up first)."""

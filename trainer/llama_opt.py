@@ -44,7 +44,7 @@ from pathlib import Path
 import llama_cpp.llama_cpp as llc
 import numpy as np
 
-from adapter_chat.llama_model import model_params
+from adapter_chat.llama_model import ModelLoadError, load_model, model_params
 from adapter_chat.llama_vocab import LlamaVocab
 
 GGML_TYPE_F32 = 0
@@ -181,11 +181,10 @@ def _model_params(n_gpu_layers: int, *, writable: bool) -> llc.llama_model_param
 
 
 def _load_model(path: Path, *, writable: bool, n_gpu_layers: int = 0) -> ctypes.c_void_p:
-    mparams = _model_params(n_gpu_layers, writable=writable)
-    model = llc.llama_model_load_from_file(str(path).encode(), mparams)
-    if not model:
-        raise LlamaError(f"llama.cpp could not load model {path}")
-    return model
+    try:
+        return load_model(path, _model_params(n_gpu_layers, writable=writable))
+    except ModelLoadError as e:
+        raise LlamaError(str(e)) from None
 
 
 def _new_context(model: ctypes.c_void_p, *, n_ctx: int, n_batch: int, threads: int, f32_cache: bool) -> ctypes.c_void_p:  # noqa: E501
@@ -230,9 +229,10 @@ class VocabOnly:
         _backend(verbose)
         mparams = llc.llama_model_default_params()
         mparams.vocab_only = True
-        self.model = llc.llama_model_load_from_file(str(model_path).encode(), mparams)
-        if not self.model:
-            raise LlamaError(f"llama.cpp could not read the vocabulary of {model_path}")
+        try:
+            self.model = load_model(model_path, mparams, what="vocabulary of")
+        except ModelLoadError as e:
+            raise LlamaError(str(e)) from None
         self._vocab = LlamaVocab(llc.llama_model_get_vocab(self.model))
         self.add_bos = self._vocab.add_bos
         eos = int(llc.llama_vocab_eos(self._vocab.vocab))
