@@ -39,7 +39,7 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 KEY = "sk-playground-T4k"
 ADAPTER = "house-style"
-# What a nightly run writes into a manifest (trainer/nightly.py _flat_metrics) and into trainer_runs.
+# What a nightly run writes into a manifest (trainer/stages.py _flat_metrics) and into trainer_runs.
 GATE = {"passed": True, "reason": "adapter val loss 1.702 < base 2.104 by 19.1% (margin 1%)", "margin": 0.01,
         "mode": "relative"}
 MANIFEST_METRICS = {"val_loss_base": 2.104, "val_loss_adapter": 1.702, "n_texts": 24, "gate": GATE,
