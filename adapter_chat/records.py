@@ -16,8 +16,13 @@ column is named in one place on each side: the Table and the record.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
+
+
+def _row(record: Any) -> dict[str, Any]:
+    """A record's fields as a row (shallow: the JSON columns stay the objects they are)."""
+    return {f.name: getattr(record, f.name) for f in fields(record)}
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class ExchangeStart:
     conversation_id: str | None
 
     def to_row(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return _row(self)
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ class ExchangeEnd:
     error: str | None
 
     def to_row(self) -> dict[str, Any]:
-        return asdict(self)
+        return _row(self)
 
 
 @dataclass(frozen=True)
@@ -93,13 +98,13 @@ class FeedbackRecord:
     comment: str | None
 
     def to_row(self) -> dict[str, Any]:
-        return asdict(self)
+        return _row(self)
 
 
 @dataclass(frozen=True)
 class TrainerRun:
     COLUMNS: ClassVar[tuple[str, ...]]
-    id: int | None  # None where a query leaves it out (the latest run per adapter)
+    id: int
     adapter: str
     started_at: float
     finished_at: float | None
@@ -117,14 +122,11 @@ class TrainerRun:
             metrics = json.loads(m["metrics"]) if m.get("metrics") else {}
         except ValueError:
             metrics = {}
-        return cls(m.get("id"), m["adapter"], m["started_at"], m["finished_at"], m["status"], m["version"],
+        return cls(m["id"], m["adapter"], m["started_at"], m["finished_at"], m["status"], m["version"],
                    m["reason"], metrics if isinstance(metrics, dict) else {})  # fmt: skip
 
-    def to_json(self, *, with_id: bool = True) -> dict[str, Any]:
-        out = asdict(self)
-        if not with_id:
-            out.pop("id")
-        return out
+    def to_json(self) -> dict[str, Any]:
+        return _row(self)
 
 
 TrainerRun.COLUMNS = tuple(f.name for f in fields(TrainerRun))

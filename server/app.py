@@ -43,7 +43,7 @@ from server import adapter_upload, protocol, tools
 from server.adapter_pool import AdapterPool
 from server.chat import BASE_ALIASES, ChatService
 from server.errors import (
-    MAPPED_DOMAIN_ERRORS,
+    DOMAIN_ERRORS,
     APIError,
     AuthenticationFailed,
     Conflict,
@@ -624,7 +624,7 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers=[*HANDLERS, playground_router()],
         lifespan=[lifespan],
         guards=[auth_guard],
-        exception_handlers={APIError: _api_error, **{c: _domain_error for c in MAPPED_DOMAIN_ERRORS},
+        exception_handlers={APIError: _api_error, **{c: _domain_error for c in DOMAIN_ERRORS},
                             HTTPException: _http_error, Exception: _unexpected},
         request_max_body_size=settings.max_body_bytes,
         cors_config=cors,

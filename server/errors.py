@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from adapter_chat.errors import EngineBusy, EngineError, EngineNotReady
+from adapter_chat.errors import EngineBusy, EngineNotReady
 
 
 class APIError(Exception):
@@ -135,12 +135,12 @@ def body_for(exc: APIError) -> dict[str, Any]:
     return error_body(exc.message, exc.type, exc.param, exc.code)
 
 
-# domain error -> the APIError the client sees; the first class in the error's MRO found here wins
+# domain error -> the APIError the client sees; the first class in the error's MRO found here wins.
+# The app registers an exception handler for each key; any other error is a bare 500 there too.
 DOMAIN_ERRORS: dict[type[Exception], Callable[[Any], APIError]] = {
     EngineBusy: lambda e: QueueFull(str(e), retry_after=e.retry_after),
     EngineNotReady: lambda e: ServiceUnavailable(str(e)),
 }
-MAPPED_DOMAIN_ERRORS: tuple[type[Exception], ...] = (EngineError,)  # the bases the app registers a handler for
 
 
 def from_domain(exc: Exception) -> APIError:

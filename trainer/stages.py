@@ -340,14 +340,11 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _hyperparameters(cfg: TrainerConfig, adapter: AdapterConfig) -> dict[str, Any]:
     """The resolved config for this adapter, as saved in the manifest and the GGUF."""
-    full = cfg.to_dict()
+    resolved = full_adapter(adapter)
     return {
-        "base_model": full["base_model"],
+        "base_model": cfg.to_dict()["base_model"],
         "threads": cfg.threads,
-        "train": full_adapter(adapter)["train"],
-        "extract": full_adapter(adapter)["extract"],
-        "gate": full_adapter(adapter)["gate"],
-        "source": full_adapter(adapter)["source"],
+        **{k: resolved[k] for k in ("train", "extract", "gate", "source")},
         "keep": adapter.keep,
     }
 
