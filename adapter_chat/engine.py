@@ -24,24 +24,26 @@ groups wait. Each slot remembers the tokens in its KV cache and the adapter set 
 under; a new request takes the free slot with the longest common prefix under the same adapter set,
 or copies a shared prefix from another slot, so KV is never reused across sets.
 The policy (which slot, which donor, which group, which lanes side by side) is pure logic in
-`adapter_chat/scheduler.py`; this module carries it out.
+`adapter_chat/scheduler.py`; this module carries it out. Each running sequence's text (UTF-8 across
+tokens, stop strings, holdback) is `adapter_chat/detokenizer.py`; the hand-off of its events to the
+caller's event loop is `adapter_chat/stream.py`; the adapter probe is `adapter_chat/probe.py`.
+
+Over the ~400-line guide on purpose: what is left is the scheduler thread's state machine over the
+llama.cpp contexts (admit, plan, decode, sample, finish), which reads best as one piece.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import ctypes
 import itertools
 import logging
-import os
 import queue
-import sys
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,9 +54,11 @@ import llama_cpp.llama_cpp as C
 
 from adapter_chat import scheduler
 from adapter_chat.chat_template import Segment, tokenize_segments
+from adapter_chat.detokenizer import IncrementalDetokenizer
 from adapter_chat.errors import EngineBusy, EngineNotReady
-from adapter_chat.llama_model import ModelLoadError, load_model, model_params
+from adapter_chat.llama_model import load_model
 from adapter_chat.llama_vocab import LlamaVocab
+from adapter_chat.stream import GenerationStream, Mailbox, TokenEvent, post_all
 from adapter_chat.sampling import (
     GrammarSampling,
     SamplingParams,
@@ -65,7 +69,6 @@ from adapter_chat.sampling import (
 )
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -90,24 +93,6 @@ class LoraHandle:
     id: int
     path: Path
     ptr: Any = field(repr=False, compare=False)
-
-
-@dataclass(slots=True)
-class TokenEvent:
-    """A piece of generated text; the final event has `finish_reason` (or `error`) and usage."""
-
-    text: str = ""
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "timeout" on the final event
-    error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    logprobs: list[TokenLogprob] | None = None  # the tokens sampled since the previous event
-    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (on the first event only)
-
-    @property
-    def final(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
 
 
 class EngineObserver(Protocol):
@@ -136,83 +121,6 @@ class _NullObserver:
 AdapterSet = scheduler.AdapterSet
 
 
-# libc write() called through PyDLL keeps the GIL (ctypes.CDLL and os.write release it); see _Mailbox.
-_write_keeping_gil = ctypes.PyDLL(None).write
-_write_keeping_gil.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
-_write_keeping_gil.restype = ctypes.c_ssize_t
-
-
-class _Mailbox:
-    """Hands the scheduler's events to one event loop, one wake-up per step.
-
-    Why not `loop.call_soon_threadsafe`: its wake-up is a socket send, which releases the GIL; the
-    woken event loop thread takes the GIL at once and runs its whole per-token HTTP work while the
-    scheduler waits to get the GIL back before it can start the next llama_decode (py-spy: 6% of the
-    scheduler's time, one stall per step). Here the wake-up byte is written with the GIL held, so the
-    event loop runs when the scheduler next lets the GIL go: inside llama_decode, in parallel with it.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:  # on the loop's thread
-        self._loop_ref = weakref.ref(loop)
-        self._items: deque[tuple[GenerationStream, TokenEvent]] = deque()
-        self._r, self._w = os.pipe()
-        os.set_blocking(self._r, False)
-        os.set_blocking(self._w, False)  # a full pipe means the loop has a wake-up pending anyway
-        loop.add_reader(self._r, self._drain)
-        weakref.finalize(loop, self._close, self._r, self._w)
-
-    @staticmethod
-    def _close(r: int, w: int) -> None:
-        os.close(r)
-        os.close(w)
-
-    def post(self, items: list[tuple[GenerationStream, TokenEvent]]) -> None:  # scheduler thread
-        loop = self._loop_ref()
-        if loop is None or loop.is_closed():  # nobody is listening any more
-            return
-        self._items.extend(items)
-        _write_keeping_gil(self._w, b"\0", 1)
-
-    def _drain(self) -> None:  # event loop thread
-        try:
-            os.read(self._r, 4096)
-        except BlockingIOError:
-            pass
-        items = self._items
-        while items:
-            stream, event = items.popleft()
-            stream._deliver(event)
-
-
-class GenerationStream:
-    """The caller's end of one request: an async iterator of TokenEvents, and cancel()."""
-
-    def __init__(self, mailbox: _Mailbox) -> None:
-        self._mailbox = mailbox
-        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self.cancelled = False
-        self._done = False
-        self._engine: Engine | None = None
-
-    def _deliver(self, event: TokenEvent) -> None:  # event loop thread
-        self._queue.put_nowait(event)
-
-    def cancel(self) -> None:
-        """Stop generating; the slot is freed at the next scheduler step."""
-        if not self._done and not self.cancelled:
-            self.cancelled = True
-            if self._engine is not None:
-                self._engine._wake.set()
-
-    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        while True:
-            event = await self._queue.get()
-            yield event
-            if event.final:
-                self._done = True
-                return
-
-
 @dataclass
 class _Request:
     prompt: list[int]
@@ -239,9 +147,7 @@ class _Running:
         self.n_cached = n_cached
         self.next_token: int | None = None  # sampled, not yet decoded
         self.n_generated = 0
-        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self.text = ""
-        self.emitted = 0
+        self.detok = IncrementalDetokenizer(req.params.stop or ())
         self.deadline = time.monotonic() + 0.0
         self.logprobs: list[TokenLogprob] | None = [] if req.params.logprobs is not None else None
         self.prompt_logprobs: list[TokenLogprob] | None = [] if req.params.prompt_logprobs is not None else None
@@ -307,7 +213,7 @@ class Engine:
         self._ids = itertools.count(1)
         self.heartbeat = time.monotonic()
         self._outbox: list[tuple[GenerationStream, TokenEvent]] = []
-        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
         self._decoder_pool: ThreadPoolExecutor | None = None
         self.lanes: list[_Lane] = []
         self.slots: list[_Slot] = []
@@ -352,13 +258,13 @@ class Engine:
             # Reused prefixes and side-by-side lanes would then change greedy answers
             # (tests/test_engine.py). The trainer's evaluation runs without it too, so what is
             # scored is what is served.
-            cparams.flash_attn_type = (C.LLAMA_FLASH_ATTN_TYPE_ENABLED if cfg.flash_attn
-                                       else C.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+            cparams.flash_attn_type = (
+                C.LLAMA_FLASH_ATTN_TYPE_ENABLED if cfg.flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
             ctx = C.llama_init_from_model(model, cparams)
             if not ctx:
                 raise RuntimeError("llama.cpp could not create a context")
-            lane = _Lane(li, ctx, C.llama_get_memory(ctx), C.llama_batch_init(cfg.n_batch, 0, 1),
-                         threads=cfg.n_threads)
+            lane = _Lane(li, ctx, C.llama_get_memory(ctx), C.llama_batch_init(cfg.n_batch, 0, 1), threads=cfg.n_threads)
             lane.slots = [_Slot(len(self.slots) + j, lane, j) for j in range(n_slots)]
             self.slots.extend(lane.slots)
             self.lanes.append(lane)
@@ -369,8 +275,14 @@ class Engine:
         self._grammar_sampling = GrammarSampling(self.n_vocab)
         self._thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
         self._thread.start()
-        log.info("engine ready: %s, %d slots x %d tokens in %d lane(s), %d threads", cfg.model_path.name,
-                 cfg.parallel, self.n_ctx_seq, n_lanes, cfg.n_threads)
+        log.info(
+            "engine ready: %s, %d slots x %d tokens in %d lane(s), %d threads",
+            cfg.model_path.name,
+            cfg.parallel,
+            self.n_ctx_seq,
+            n_lanes,
+            cfg.n_threads,
+        )
 
     def close(self) -> None:
         self._stop = True
@@ -513,11 +425,10 @@ class Engine:
         loop = asyncio.get_running_loop()
         mailbox = self._mailboxes.get(loop)
         if mailbox is None:
-            mailbox = self._mailboxes[loop] = _Mailbox(loop)
+            mailbox = self._mailboxes[loop] = Mailbox(loop)
         reqs: list[_Request] = []
         for i in range(n):
-            stream = GenerationStream(mailbox)
-            stream._engine = self
+            stream = GenerationStream(mailbox, self._wake)
             p = params if i == 0 or params.seed is None else replace(params, seed=params.seed + i)
             reqs.append(_Request(
                 prompt=list(prompt),
@@ -550,12 +461,8 @@ class Engine:
         token."""
         if not self._outbox:
             return
-        by_box: dict[_Mailbox, list[tuple[GenerationStream, TokenEvent]]] = {}
-        for stream, event in self._outbox:
-            by_box.setdefault(stream._mailbox, []).append((stream, event))
-        self._outbox = []
-        for box, items in by_box.items():
-            box.post(items)
+        events, self._outbox = self._outbox, []
+        post_all(events)
 
     def _loop(self) -> None:
         while not self._stop:
@@ -784,8 +691,11 @@ class Engine:
             if plan.lane.threads != t:
                 C.llama_set_n_threads(plan.lane.ctx, t, t)
                 plan.lane.threads = t
-        futures = [self._decoder_pool.submit(C.llama_decode, p.lane.ctx, p.lane.batch) for p in plans[1:]] \
-            if len(plans) > 1 and self._decoder_pool is not None else []
+        futures = (
+            [self._decoder_pool.submit(C.llama_decode, p.lane.ctx, p.lane.batch) for p in plans[1:]]
+            if len(plans) > 1 and self._decoder_pool is not None
+            else []
+        )
         codes = [C.llama_decode(plans[0].lane.ctx, plans[0].lane.batch)] + [f.result() for f in futures]
         now = time.monotonic()
         for plan, rc in zip(plans, codes):
@@ -803,8 +713,16 @@ class Engine:
                 continue
             for slot, idx, pos in plan.prompt_outputs:
                 run = slot.run
-                run.prompt_logprobs.append(token_logprobs(
-                    lane.ctx, idx, self.n_vocab, run.req.prompt[pos + 1], run.req.params.prompt_logprobs, self._piece))
+                run.prompt_logprobs.append(
+                    token_logprobs(
+                        lane.ctx,
+                        idx,
+                        self.n_vocab,
+                        run.req.prompt[pos + 1],
+                        run.req.params.prompt_logprobs,
+                        self._piece,
+                    )
+                )
             for slot, idx in plan.outputs:
                 self._sample(slot, idx)
 
@@ -827,29 +745,21 @@ class Engine:
             self._finish(slot, finish_reason="stop")
             return
         if run.logprobs is not None:
-            run.logprobs.append(token_logprobs(slot.lane.ctx, idx, self.n_vocab, tok, run.req.params.logprobs, self._piece))
+            run.logprobs.append(
+                token_logprobs(slot.lane.ctx, idx, self.n_vocab, tok, run.req.params.logprobs, self._piece)
+            )
         run.n_generated += 1
-        run.text += run.decoder.decode(self._piece(tok))
-        stops = run.req.params.stop
-        if stops:
-            start = max(0, run.emitted - max(len(s) for s in stops))
-            hit = min((i for i in (run.text.find(s, start) for s in stops) if i >= 0), default=-1)
-            if hit >= 0:
-                run.text = run.text[:hit]
-                self._emit_rest(slot)
-                self._finish(slot, finish_reason="stop")
-                return
+        if run.detok.update(self._piece(tok)):  # a stop string: the text is cut before it
+            self._emit_rest(slot)
+            self._finish(slot, finish_reason="stop")
+            return
         if run.n_generated >= run.req.params.max_tokens:
-            run.text += run.decoder.decode(b"", final=True)
+            run.detok.flush()
             self._emit_rest(slot)
             self._finish(slot, finish_reason="length")
             return
-        hold = scheduler.holdback(run.text, stops) if stops else 0
-        upto = len(run.text) - hold
-        if upto > run.emitted:
-            self._emit(run.req.stream, TokenEvent(text=run.text[run.emitted:upto], logprobs=self._take_logprobs(run),
-                                                 prompt_logprobs=self._take_prompt_logprobs(run)))
-            run.emitted = upto
+        if delta := run.detok.next_delta():
+            self._emit_text(run, delta)
         run.next_token = tok
 
     @staticmethod
@@ -865,11 +775,14 @@ class Engine:
         return out
 
     def _emit_rest(self, slot: _Slot) -> None:
-        run = slot.run
-        if len(run.text) > run.emitted:
-            self._emit(run.req.stream, TokenEvent(text=run.text[run.emitted:], logprobs=self._take_logprobs(run),
-                                                 prompt_logprobs=self._take_prompt_logprobs(run)))
-            run.emitted = len(run.text)
+        if delta := slot.run.detok.next_delta(final=True):
+            self._emit_text(slot.run, delta)
+
+    def _emit_text(self, run: _Running, text: str) -> None:
+        event = TokenEvent(
+            text=text, logprobs=self._take_logprobs(run), prompt_logprobs=self._take_prompt_logprobs(run)
+        )
+        self._emit(run.req.stream, event)
 
     def _finish(self, slot: _Slot, *, finish_reason: str | None = None, error: str | None = None) -> None:
         run = slot.run
@@ -889,7 +802,7 @@ class Engine:
                 cached_tokens=run.n_cached,
                 logprobs=self._take_logprobs(run),
                 prompt_logprobs=self._take_prompt_logprobs(run),
-            )
+            ),
         )
 
     def _fail_all(self, message: str) -> None:
@@ -897,57 +810,3 @@ class Engine:
             if slot.run is not None:
                 self._forget(slot)
                 self._finish(slot, error=message)
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Probe: load an adapter file in a throw-away process, so a file that crashes llama.cpp's loader
-# takes down the probe, never the server. `python -m adapter_chat.engine probe MODEL ADAPTER`.
-
-
-def probe_adapter(
-    model_path: Path, adapter_path: Path, *, n_gpu_layers: int = 0, timeout_s: float = 120.0
-) -> str | None:
-    """None when llama.cpp loads the adapter in a child process (the base loaded as the engine
-    loads it, ``n_gpu_layers`` on the GPU); otherwise why not."""
-    import subprocess
-
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "adapter_chat.engine", "probe", str(model_path), str(adapter_path), str(n_gpu_layers)],
-            capture_output=True, timeout=timeout_s, text=True,
-        )
-    except subprocess.TimeoutExpired:
-        return f"llama.cpp did not finish loading the adapter within {timeout_s:.0f}s"
-    if proc.returncode == 0:
-        return None
-    if proc.returncode < 0:
-        return f"llama.cpp crashed loading the adapter (signal {-proc.returncode})"
-    detail = proc.stdout.strip().splitlines()[-1:] or ["no detail"]
-    return f"llama.cpp refused the adapter: {detail[0][:200]}"
-
-
-def _probe_main(model_path: str, adapter_path: str, n_gpu_layers: int = 0) -> int:
-    llama_logger.set_verbose(False)
-    C.llama_backend_init()
-    params = model_params(n_gpu_layers)
-    print(f"n_gpu_layers {params.n_gpu_layers}", file=sys.stderr)
-    try:
-        model = load_model(model_path, params)
-    except ModelLoadError:
-        print("base model failed to load")
-        return 2
-    adapter = C.llama_adapter_lora_init(model, adapter_path.encode())
-    if not adapter:
-        print("llama_adapter_lora_init returned NULL")
-        return 3
-    C.llama_adapter_lora_free(adapter)
-    C.llama_model_free(model)
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) in (4, 5) and sys.argv[1] == "probe":
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-        sys.exit(_probe_main(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) == 5 else 0))
-    sys.exit("usage: python -m adapter_chat.engine probe MODEL ADAPTER [N_GPU_LAYERS]")

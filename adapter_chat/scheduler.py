@@ -180,15 +180,3 @@ def thread_shares(n_threads: int, n_lanes: int) -> list[int]:
     """Threads for each of `n_lanes` decoding side by side: an even split, at least one each."""
     share, extra = divmod(n_threads, n_lanes)
     return [max(1, share + (1 if i < extra else 0)) for i in range(n_lanes)]
-
-
-def holdback(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that could still become a stop string (held back from
-    the client until the next token says whether it does)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter_chat import registry
-from adapter_chat.engine import probe_adapter
+from adapter_chat.probe import probe_adapter
 from adapter_chat.gguf_info import BaseModelInfo
 
 log = logging.getLogger(__name__)

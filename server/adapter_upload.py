@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_chat import registry
-from adapter_chat.engine import probe_adapter
+from adapter_chat.probe import probe_adapter
 from adapter_chat.gguf_info import BaseModelInfo
 from server.errors import Conflict, InvalidRequest, PayloadTooLarge
 

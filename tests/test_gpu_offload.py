@@ -46,7 +46,7 @@ def test_the_adapter_probe_loads_the_base_with_the_engines_n_gpu_layers(
 ) -> None:
     lora = make_lora_file(tmp_path / "a.gguf", base_info, seed=3)
     proc = subprocess.run(
-        [sys.executable, "-m", "adapter_chat.engine", "probe", str(model_path), str(lora), "5"],
+        [sys.executable, "-m", "adapter_chat.probe", str(model_path), str(lora), "5"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
