@@ -46,7 +46,6 @@ from server.errors import (
     DOMAIN_ERRORS,
     APIError,
     AuthenticationFailed,
-    Conflict,
     InvalidRequest,
     NotFound,
     PermissionDenied,
@@ -54,9 +53,10 @@ from server.errors import (
     body_for,
     error_body,
     from_domain,
+    mapped,
 )
 from server.metrics import Metrics
-from server.routes import RoutesFileError, RouteTable
+from server.routes import RouteTable
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -465,10 +465,8 @@ async def reload_adapters(request: Request) -> dict[str, Any]:
     state = _state(request)
     chat = _ready(state)
     routes_path = state.settings.routes_path
-    try:
+    with mapped(context="nothing was reloaded, the routes file is invalid"):
         routes = await asyncio.to_thread(RouteTable.load, routes_path, state.settings.prompts_dir)
-    except RoutesFileError as e:
-        raise Conflict(f"nothing was reloaded, the routes file is invalid: {e}") from None
     summary = await chat.pool.reload()
     chat.routes = routes
     summary["routes"] = sorted(chat.routes.routes)

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from adapter_chat import registry
-from adapter_chat.chat_template import ChatTemplate, ChatTemplateError
-from adapter_chat.engine import Engine, GenerationStream
+from adapter_chat.chat_template import ChatTemplate
+from adapter_chat.engine import Engine
+from adapter_chat.stream import GenerationStream
 from adapter_chat.identity import AdapterRef, AdapterUse, PathKind, metrics_labels
 from adapter_chat.records import ExchangeEnd, ExchangeStart
 from adapter_chat.sampling import (
     JSON_OBJECT_GRAMMAR,
-    GrammarError,
     SamplingParams,
     TokenLogprob,
     check_grammar,
@@ -31,7 +31,7 @@ from adapter_chat.sampling import (
 from adapter_chat.store import ConversationLog
 from server import tools
 from server.adapter_pool import AdapterPool, Lease
-from server.errors import ContextOverflow, EngineFailure, InvalidRequest, NotFound
+from server.errors import ContextOverflow, EngineFailure, InvalidRequest, NotFound, mapped
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from server.routes import Plan, RouteTable
@@ -172,10 +172,8 @@ class ChatService:
         if req.adapters is not None:  # per-request override, as llama-server's `lora` field
             specs = tuple(req.adapters)
             for a in specs:
-                try:
+                with mapped("adapters"):
                     self.pool.resolve(a.name)
-                except registry.RegistryError as e:
-                    raise NotFound(str(e), param="adapters") from None
             kind = PathKind.FINETUNED if specs else (PathKind.BASE if plan.path_kind == PathKind.BASE else PathKind.PROMPT)
             plan = Plan(plan.route, kind, specs, plan.system_prompt if kind != PathKind.FINETUNED else None,
                         plan.params, plan.log)
@@ -246,14 +244,10 @@ class ChatService:
             assert rf.json_schema is not None
             param = "response_format.json_schema.schema"
             schema = rf.json_schema.schema_
-            try:
+            with mapped(param):
                 text = JSON_OBJECT_GRAMMAR if schema is None else json_schema_grammar(schema)
-            except GrammarError as e:
-                raise InvalidRequest(str(e), param=param) from None
-        try:
+        with mapped(param, context=param):
             check_grammar(self.engine.vocab, text)
-        except GrammarError as e:
-            raise InvalidRequest(f"{param}: {e}", param=param) from None
         return text
 
     # ------------------------------------------------------------------ running
@@ -268,11 +262,9 @@ class ChatService:
             if m.tool_call_id:
                 msg["tool_call_id"] = m.tool_call_id
             messages.append(msg)
-        try:
+        with mapped():  # a ToolError names its own field
             tool_list = tools.parse_tools(req.tools) if req.tools is not None else []
             tool_choice = tools.parse_tool_choice(req.tool_choice, tool_list)
-        except tools.ToolError as e:
-            raise InvalidRequest(str(e), param=e.param) from None
         offered = tool_list if tool_choice.mode != "none" else []
         forced = tool_choice.mode in ("required", "function")
         if forced and (req.grammar is not None or (req.response_format and req.response_format.type != "text")):
@@ -285,22 +277,17 @@ class ChatService:
             prompt_messages = [{"role": "system", "content": plan.system_prompt}, *messages]
         native = self.template.supports_tools
         prompt_messages = tools.render_messages(prompt_messages, offered, native=native)
-        try:
+        with mapped("messages", context="the messages cannot be rendered with the model's chat template"):
             segments = self.template.render_segments(
                 prompt_messages, add_generation_prompt=True,
                 tools=[t.to_openai() for t in offered] if native and offered else None,
             )  # fmt: skip
-        except ChatTemplateError as e:
-            raise InvalidRequest(f"the messages cannot be rendered with the model's chat template: {e}",
-                                 param="messages") from None
         tokens = self.engine.tokenize(segments)
         params = self._sampling(req, plan, len(tokens))
         if forced:
-            try:
+            with mapped("tools", context="tools: a function's parameters cannot be enforced"):
                 grammar = json_schema_grammar(tools.call_schema(tool_list, tool_choice))
                 check_grammar(self.engine.vocab, grammar)
-            except GrammarError as e:
-                raise InvalidRequest(f"tools: a function's parameters cannot be enforced: {e}", param="tools") from None
             params = replace(params, grammar=grammar)
         ex = await self._open(
             "chatcmpl", req, plan, [(tokens, params, "")], conversation_id=conversation_id,

@@ -14,16 +14,25 @@
     └── EngineFailure             500     server_error            (no detail to the client)
 
 Services raise these; `error_body` and `to_response` turn them into HTTP; nothing else does.
-The shared package's own errors (`adapter_chat.errors`, which know no HTTP) become these through
-one table, `DOMAIN_ERRORS`, looked up by `from_domain`.
+The domain's own errors, which know no HTTP (the engine's, the adapter registry's, grammars, chat
+templates, tools, the routes file), become these through one table, `DOMAIN_ERRORS`, looked up by
+`from_domain` (httpx's `_exceptions.py` mapping is the model). A call site that knows which request
+field the failing input came from says so with `mapped(param=..., context=...)`; anywhere else the
+app's handler maps the error the same way, without a field.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from adapter_chat.chat_template import ChatTemplateError
 from adapter_chat.errors import EngineBusy, EngineNotReady
+from adapter_chat.registry import RegistryError
+from adapter_chat.sampling import GrammarError
+from server.routes import RoutesFileError
+from server.tools import ToolError
 
 
 class APIError(Exception):
@@ -135,18 +144,45 @@ def body_for(exc: APIError) -> dict[str, Any]:
     return error_body(exc.message, exc.type, exc.param, exc.code)
 
 
+# How a domain error becomes an APIError: (the error, its message, the request field) -> APIError.
+Mapper = Callable[[Any, str, "str | None"], APIError]
+
+
+def _as(api: type[APIError]) -> Mapper:
+    """The error's message as an `api`, naming the field the error names itself (a ToolError's
+    `param`) or else the call site's."""
+    return lambda exc, message, param: api(message, param=getattr(exc, "param", None) or param)
+
+
 # domain error -> the APIError the client sees; the first class in the error's MRO found here wins.
 # The app registers an exception handler for each key; any other error is a bare 500 there too.
-DOMAIN_ERRORS: dict[type[Exception], Callable[[Any], APIError]] = {
-    EngineBusy: lambda e: QueueFull(str(e), retry_after=e.retry_after),
-    EngineNotReady: lambda e: ServiceUnavailable(str(e)),
+DOMAIN_ERRORS: dict[type[Exception], Mapper] = {
+    EngineBusy: lambda e, message, param: QueueFull(message, retry_after=e.retry_after),
+    EngineNotReady: lambda e, message, param: ServiceUnavailable(message),
+    GrammarError: _as(InvalidRequest),  # a grammar or JSON schema llama.cpp cannot compile
+    ToolError: _as(InvalidRequest),  # malformed tools, tool_choice or tool message
+    ChatTemplateError: _as(InvalidRequest),  # the messages cannot be rendered
+    RegistryError: _as(NotFound),  # no such adapter or version
+    RoutesFileError: _as(Conflict),  # the server keeps the routes it has
 }
 
 
-def from_domain(exc: Exception) -> APIError:
-    """The APIError for a domain error; an unmapped one becomes a bare 500 (no detail to the client)."""
+def from_domain(exc: Exception, *, param: str | None = None, context: str | None = None) -> APIError:
+    """The APIError for a domain error: its message after `context` (what was being done), naming
+    the request field `param`. An unmapped error becomes a bare 500 (no detail to the client)."""
+    message = f"{context}: {exc}" if context else str(exc)
     for cls in type(exc).__mro__:
         make = DOMAIN_ERRORS.get(cls)
         if make is not None:
-            return make(exc)
+            return make(exc, message, param)
     return EngineFailure("internal server error")
+
+
+@contextmanager
+def mapped(param: str | None = None, *, context: str | None = None) -> Iterator[None]:
+    """Inside the block, a domain error in `DOMAIN_ERRORS` leaves as its APIError (see
+    `from_domain`); anything else passes unchanged."""
+    try:
+        yield
+    except tuple(DOMAIN_ERRORS) as exc:
+        raise from_domain(exc, param=param, context=context) from None

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapter_chat import registry, scheduler
+from adapter_chat import registry
 from adapter_chat.chat_template import ChatTemplate, ChatTemplateError
 from server.routes import RouteTable, RoutesFileError, bucket
 from adapter_chat.store import migrate, open_db
@@ -164,15 +164,6 @@ def test_split_bucket_is_stable_and_spread() -> None:
     assert 0.25 < share < 0.35
 
 
-@pytest.mark.parametrize(
-    "text, stops, hold",
-    [("Hello wor", ("world",), 3), ("Hello", ("lo!",), 2), ("abc", ("x",), 0), ("a##", ("###",), 2),
-     ("", ("x",), 0)],
-)
-def test_stop_string_holdback(text: str, stops: tuple, hold: int) -> None:
-    assert scheduler.holdback(text, stops) == hold
-
-
 def test_migrations_are_ordered_and_rerunnable(tmp_path: Path) -> None:
     engine = open_db(tmp_path / "log.sqlite3")
     assert migrate(engine) == []  # open_db already applied everything
@@ -259,6 +250,39 @@ def test_engine_errors_reach_the_client_through_the_one_error_map() -> None:
     assert other.status == 500 and "secret" not in body_for(other)["error"]["message"]
 
 
+def test_domain_errors_keep_the_field_and_context_the_call_site_names() -> None:
+    """`mapped` turns a grammar, tool, template, registry or routes-file error into the status the
+    table says, naming the request field and what was being done; other errors pass unchanged."""
+    from adapter_chat.chat_template import ChatTemplateError
+    from adapter_chat.registry import RegistryError
+    from adapter_chat.sampling import GrammarError
+    from server.errors import Conflict, InvalidRequest, NotFound, body_for, mapped
+    from server.tools import ToolError
+
+    def raised(exc: Exception, param: str | None = None, context: str | None = None) -> Exception:
+        try:
+            with mapped(param, context=context):
+                raise exc
+        except Exception as out:  # noqa: BLE001 (what leaves the block is the point)
+            return out
+        raise AssertionError("nothing was raised")
+
+    bad = raised(GrammarError("unexpected end"), "grammar", context="grammar")
+    assert isinstance(bad, InvalidRequest) and bad.status == 400
+    assert body_for(bad)["error"] == {"message": "grammar: unexpected end", "type": "invalid_request_error",
+                                      "param": "grammar", "code": None}  # fmt: skip
+    tool = raised(ToolError("tools[0].function.name is missing", param="tools[0].function.name"), "tools")
+    assert isinstance(tool, InvalidRequest) and tool.param == "tools[0].function.name"  # its own field wins
+    template = raised(ChatTemplateError("no user message"), "messages", context="cannot render")
+    assert template.status == 400 and template.message == "cannot render: no user message"
+    missing = raised(RegistryError("adapter 'x' has no version 9"), "adapters")
+    assert isinstance(missing, NotFound) and missing.status == 404 and missing.param == "adapters"
+    routes = raised(RoutesFileError("route 'cto': no such prompt"), context="nothing was reloaded")
+    assert isinstance(routes, Conflict) and routes.status == 409 and "route 'cto'" in routes.message
+    other = raised(KeyError("not a domain error"), "model")
+    assert isinstance(other, KeyError)
+
+
 def test_the_trainer_config_accepts_exactly_the_optimizers_the_binding_knows() -> None:
     """One list of names (trainer.config), checked against the ggml enum map the binding uses: a
     name added to one side only would be accepted by `trainer.toml` and then fail mid-run."""
@@ -318,3 +342,4 @@ def test_every_train_setting_reaches_the_training_run() -> None:
     assert len(shared) >= 17
     assert {n: getattr(cfg, n) for n in shared} == {n: getattr(t, n) for n in shared}
     assert (cfg.threads, cfg.n_gpu_layers, cfg.base_model) == (3, 2, Path("m.gguf"))
+
