@@ -343,3 +343,27 @@ def test_every_train_setting_reaches_the_training_run() -> None:
     assert {n: getattr(cfg, n) for n in shared} == {n: getattr(t, n) for n in shared}
     assert (cfg.threads, cfg.n_gpu_layers, cfg.base_model) == (3, 2, Path("m.gguf"))
 
+
+def test_the_trainer_config_checks_toml_types_strictly_and_train_settings_once(tmp_path: Path) -> None:
+    """pydantic checks each key's type: a string or a boolean where a number is meant is reported
+    (with the file and the key), never coerced; an int is a float. The [train] checks are one
+    function, so the file's loader and a run's own config refuse the same settings."""
+    from trainer.config import ConfigError, TrainSettings, parse_config
+    from trainer.finetune import TrainConfig
+
+    data = {"threads": "2", "logs": "one.sqlite3",
+            "adapters": {"a": {"keep": 1.5, "train": {"lr": True, "epochs": "2", "alpha": 32, "targets": ["attn_q", 7]}}}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, source=Path("t.toml"), root=tmp_path)
+    problems = err.value.problems
+    for bit in ("t.toml: threads: expected int, got str '2'", "[adapters.a].train.lr: expected float, got bool True",
+                "[adapters.a].train.epochs: expected int, got str '2'", "[adapters.a].train.targets[1]: expected str",
+                "[adapters.a].keep: expected int, got float 1.5"):
+        assert any(bit in p for p in problems), (bit, problems)
+    assert not any("alpha" in p for p in problems)  # 32 is a fine float
+    cfg = parse_config({"logs": "one.sqlite3", "adapters": {"a": {"train": {"alpha": 32}}}}, root=tmp_path)
+    assert cfg.logs == (str(tmp_path / "one.sqlite3"),) and cfg.adapter("a").train.alpha == 32.0
+    bad = TrainSettings(n_ctx=300, optimizer="lion")
+    with pytest.raises(ValueError) as run_err:
+        TrainConfig.from_settings(bad, base_model=Path("m.gguf"), cache_dir=Path("c"), threads=1)
+    assert all(p in str(run_err.value) for p in bad.problems()) and len(bad.problems()) == 2

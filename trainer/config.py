@@ -1,9 +1,15 @@
 """Typed trainer configuration: one file (`trainer.toml`), CLI > file > defaults.
 
-This module owns the shape of the trainer's configuration and nothing else. `load_config`
-reads a TOML file and reports *every* problem it finds in one `ConfigError` (each naming the
-file and the key); `with_overrides` applies CLI values on top; `TrainerConfig.to_dict` is what
-gets saved beside the output (in the manifest's `hyperparameters` and the run folder).
+This module owns the shape of the trainer's configuration and nothing else. Every section is a
+pydantic dataclass (pydantic is what the server's settings use too): the types are checked by
+pydantic when a section is built, strictly (no `"2"` for an int, no `true` for a number), and the
+checks across fields live in one place per section (`TrainSettings.problems`, `validate`).
+`load_config` reads a TOML file and reports *every* problem it finds in one `ConfigError` (each
+naming the file and the key); `with_overrides` applies CLI values on top;
+`TrainerConfig.to_dict` is what gets saved beside the output (in the manifest's
+`hyperparameters` and the run folder). A training run's own config
+(`trainer.finetune.TrainConfig`) is `TrainSettings` plus where the run reads and writes, so a
+setting is defined and checked once.
 
 Layout of `trainer.toml` (see `trainer.toml.example` and docs/trainer.md)::
 
@@ -24,9 +30,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
+
+from pydantic import BeforeValidator, ConfigDict, Strict, ValidationError
+from pydantic.dataclasses import dataclass
 
 from adapter_chat import db
 from adapter_chat.registry import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS
@@ -39,6 +48,22 @@ SCHEDULES = ("constant", "cosine")
 GATE_MODES = ("relative", "absolute")
 
 
+def _one_or_many(value: Any) -> Any:
+    """A TOML string where a list is meant is a list of one (`logs = "x.sqlite3"`)."""
+    return [value] if isinstance(value, (str, Path)) else value
+
+
+# TOML values as typed fields: strict (TOML already has ints, floats, booleans and strings, so a
+# "2" or a true where a number is meant is a mistake to report), except that an int is a float.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+Strs = Annotated[tuple[Str, ...], BeforeValidator(_one_or_many)]
+Paths = Annotated[tuple[Path, ...], BeforeValidator(_one_or_many)]
+SECTION = ConfigDict(extra="forbid")
+
+
 class ConfigError(ValueError):
     """A configuration file or CLI value is invalid. The message lists every problem."""
 
@@ -47,152 +72,188 @@ class ConfigError(ValueError):
         super().__init__("invalid trainer configuration:\n  - " + "\n  - ".join(self.problems))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class SourceConfig:
     """Which logged exchanges and files become training items for one adapter."""
 
-    routes: tuple[str, ...] = ()
+    routes: Strs = ()
     """Only exchanges whose resolved route is one of these (empty: any route)."""
-    adapter_names: tuple[str, ...] = ()
+    adapter_names: Strs = ()
     """Only exchanges served with one of these adapters first (empty: any)."""
-    path_kinds: tuple[str, ...] = ()
+    path_kinds: Strs = ()
     """Only these path kinds: `prompt`, `finetuned`, `base` (empty: any)."""
-    window_days: float | None = None
+    window_days: Float | None = None
     """Only exchanges created in the last N days (None: everything retained)."""
-    since: float | None = None
+    since: Float | None = None
     """Absolute lower bound (unix time); combined with `window_days` by taking the later one."""
-    until: float | None = None
+    until: Float | None = None
     """Absolute upper bound (unix time)."""
-    min_rating: int = 0
+    min_rating: Int = 0
     """Drop exchanges whose latest feedback rating is below this (unrated counts as 0)."""
-    drop_length_finish: bool = True
+    drop_length_finish: Bool = True
     """Drop replies cut off by max_tokens (`finish_reason = 'length'`) unless corrected."""
-    include_system_prompt: bool = True
+    include_system_prompt: Bool = True
     """Render the route's logged system prompt before the messages, as the server did. False
     learns the behaviour without it (distilling a prompt path into a finetuned path)."""
-    jsonl: tuple[Path, ...] = ()
+    jsonl: Paths = ()
     """Extra JSONL files (completion, pairs or chat shape), globs allowed."""
-    use_logs: bool = True
+    use_logs: Bool = True
     """Read the conversation log(s) at all (False: JSONL files only)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class TrainSettings:
     """Hyperparameters handed to `trainer.finetune.TrainConfig`."""
 
-    n_ctx: int = 256
+    n_ctx: Int = 256
     """Training window in tokens: a multiple of 256 (llama.cpp pads contexts to 256)."""
-    epochs: int = 1
-    method: str = "lora"
+    epochs: Int = 1
+    method: Str = "lora"
     """`lora`: train the adapter's A/B tensors directly, base frozen. `full`: train the target
     matrices in full on an FP32 copy, then extract a LoRA by SVD (see `[extract]`)."""
-    rank: int = 16
+    rank: Int = 16
     """LoRA rank (method `lora`)."""
-    alpha: float = 32.0
+    alpha: Float = 32.0
     """LoRA alpha: the update is scaled by alpha / rank (method `lora`)."""
-    quantized_base: bool = False
+    quantized_base: Bool = False
     """Method `lora`: train over the served quantized base file (True) or its FP32 copy (False:
     faster on CPU, where backward through quantized matrices is 2.3x slower)."""
-    top_layers: int = 0
+    top_layers: Int = 0
     """Method `lora`: adapt only the last N blocks (0: all); backward stops below them."""
-    checkpoint_every: int = 50
+    checkpoint_every: Int = 50
     """Method `lora`: steps between checkpoints; a killed run resumes from the last one. 0: none."""
-    warmup_steps: int = 0
+    warmup_steps: Int = 0
     """Linear learning-rate warm-up over this many steps."""
-    windows: str = "packed"
+    windows: Str = "packed"
     """`packed`: items packed whole, one sequence each, loss on assistant tokens only. `stream`:
     the trainer before session 4, kept to benchmark against: every item's tokens concatenated and
     cut into windows across item boundaries, every token a target."""
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    seed: int = 0
-    schedule: str = "constant"
+    lr: Float = 1e-3
+    optimizer: Str = "adamw"
+    weight_decay: Float = 0.0
+    targets: Strs = DEFAULT_TARGETS
+    seed: Int = 0
+    schedule: Str = "constant"
     """Learning-rate schedule: `constant` or `cosine` (from `lr` down to `lr_min`)."""
-    lr_min: float = 0.0
-    val_fraction: float = 0.1
+    lr_min: Float = 0.0
+    val_fraction: Float = 0.1
     """Share of conversations (by hash) held out for validation."""
-    max_items: int | None = None
+    max_items: Int | None = None
     """Cap on training items (the newest are kept); None: no cap."""
-    max_val_items: int | None = 100
+    max_val_items: Int | None = 100
     """Cap on validation items (evaluation time grows with them); None: no cap."""
 
+    def problems(self) -> list[str]:
+        """What is wrong across these settings (the types pydantic has checked already): one
+        message per problem, each starting with its key. The one place [train] is checked: the
+        config file's loader and a training run's own config (`TrainConfig`) both call it."""
+        out: list[str] = []
+        if self.n_ctx < 256 or self.n_ctx % 256:
+            out.append(f"n_ctx must be a positive multiple of 256 (llama.cpp pads to 256), got {self.n_ctx}")
+        if self.schedule not in SCHEDULES:
+            out.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.epochs < 1:
+            out.append(f"epochs must be >= 1, got {self.epochs}")
+        if not self.lr > 0:
+            out.append(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            out.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            out.append(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if not self.targets:
+            out.append("targets must name at least one tensor kind, e.g. attn_q")
+        if self.method not in METHODS:
+            out.append(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.rank < 1:
+            out.append(f"rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            out.append(f"alpha must be > 0, got {self.alpha}")
+        if self.windows not in WINDOWS:
+            out.append(f"windows must be one of {', '.join(WINDOWS)}, got {self.windows!r}")
+        for name in ("checkpoint_every", "warmup_steps", "top_layers"):
+            if getattr(self, name) < 0:
+                out.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for cap in ("max_items", "max_val_items"):
+            value = getattr(self, cap)
+            if value is not None and value < 1:
+                out.append(f"{cap} must be >= 1, got {value}")
+        return out
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, config=SECTION)
 class ExtractSettings:
     """How the trained weights are turned into a LoRA (`trainer.extract.extract_lora`)."""
 
-    fidelity: float = 0.9
-    max_rank: int = 64
-    min_rank: int = 4
-    rank: int | None = None
+    fidelity: Float = 0.9
+    max_rank: Int = 64
+    min_rank: Int = 4
+    rank: Int | None = None
     """Fixed rank; None picks the smallest rank keeping `fidelity` of the delta's energy."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class GateSettings:
     """When a new version is good enough to publish."""
 
-    margin: float = 0.0
+    margin: Float = 0.0
     """Required validation-loss improvement over the base model: with `mode = "relative"` a
     fraction (0.02: the adapter's loss must be at least 2% lower), with `"absolute"` in nats.
     0.0: publish when the adapter is no worse than the base (see trainer.evaluate.gate)."""
-    mode: str = "relative"
-    min_items: int = 50
+    mode: Str = "relative"
+    min_items: Int = 50
     """Fewer training items than this: the run is `skipped`."""
-    min_val_items: int = 5
+    min_val_items: Int = 5
     """Fewer validation items than this: the run is `skipped`."""
-    max_tokens: int = 64
+    max_tokens: Int = 64
     """Tokens generated per sample prompt in the evaluation report."""
-    sample_prompts: int = 3
+    sample_prompts: Int = 3
     """How many validation prompts to generate answers for (shown in the report)."""
-    scorer: str | None = None
+    scorer: Str | None = None
     """A task scorer, `file.py:function` (relative to the config file) or `module:function`,
     taking an answer and returning a bool or a number in [0, 1]: greedy answers to held-out
     prompts are scored with it, through the server's engine (e.g.
     `style_check.py:is_house_style`)."""
-    min_score: float = 0.0
+    min_score: Float = 0.0
     """The adapter's mean score must reach this share to publish (with `scorer`)."""
-    score_prompts: int = 30
+    score_prompts: Int = 30
     """How many held-out prompts the scorer judges: validation items' prompts, or `score_file`'s."""
     score_file: Path | None = None
     """Held-out prompts for the scorer (JSONL, one `{"messages": [...]}` or `{"prompt": "..."}`
     per line), never trained on. None: the validation items' prompts."""
-    score_max_tokens: int = 200
+    score_max_tokens: Int = 200
     """Tokens generated per scored answer."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class AdapterConfig:
     """One adapter the nightly job keeps fresh."""
 
-    name: str
+    name: Str
     source: SourceConfig = field(default_factory=SourceConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
     extract: ExtractSettings = field(default_factory=ExtractSettings)
     gate: GateSettings = field(default_factory=GateSettings)
-    keep: int = 5
+    keep: Int = 5
     """Complete versions kept on disk (plus the current one)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class TrainerConfig:
     """Everything the trainer needs; built once at the entry point and passed down."""
 
     base_model: Path = Path("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    logs: tuple[str, ...] = ("data/conversations.sqlite3",)
+    logs: Strs = ("data/conversations.sqlite3",)
     """Conversation logs: SQLite files (paths or globs) or PostgreSQL URLs (`$VAR` is expanded)."""
-    runs_db: str | Path | None = None
+    runs_db: Str | Path | None = None
     """Where `trainer_runs` rows go (a SQLite path or a PostgreSQL URL); None: the first log."""
     adapters_dir: Path = Path("adapters")
     cache_dir: Path = Path("data/trainer-cache")
     lock_file: Path | None = None
     """None: `<cache_dir>/nightly.lock`."""
-    threads: int = 2
-    n_gpu_layers: int = 0
+    threads: Int = 2
+    n_gpu_layers: Int = 0
     """Model layers offloaded to a GPU in training and evaluation (needs a GPU build)."""
-    snapshot: bool = False
+    snapshot: Bool = False
     """Read logs from a `VACUUM INTO` snapshot instead of a read-only connection."""
     adapters: tuple[AdapterConfig, ...] = ()
     source_file: Path | None = None
@@ -238,67 +299,47 @@ _SOURCE_KEYS = {f.name for f in dataclasses.fields(SourceConfig)}
 _TOP_KEYS = {f.name for f in dataclasses.fields(TrainerConfig)} - {"adapters", "source_file"}
 
 
-def _expect(value: Any, kind: type | tuple[type, ...], where: str, problems: list[str]) -> bool:
-    # bool is an int in Python; never accept it where a number is meant.
-    if isinstance(value, bool) and kind is not bool and not (isinstance(kind, tuple) and bool in kind):
-        problems.append(f"{where}: expected {_kind_name(kind)}, got {value!r}")
-        return False
-    if not isinstance(value, kind):
-        problems.append(f"{where}: expected {_kind_name(kind)}, got {type(value).__name__} {value!r}")
-        return False
-    return True
+# pydantic's error types, as the kind of TOML value a key wants
+_KINDS = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str",
+          "path_type": "str (a path)", "tuple_type": "list"}  # fmt: skip
 
 
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    if isinstance(kind, tuple):
-        return " or ".join(k.__name__ for k in kind)
-    return kind.__name__
+def _problems(exc: ValidationError, where: str, sep: str = ".") -> list[str]:
+    """One message per bad key of a pydantic error, named `<where><sep><key>`."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for err in exc.errors():
+        loc = err["loc"]
+        key = str(loc[0]) if loc else ""
+        if key in seen:  # a union's members each complain: one message per key
+            continue
+        seen.add(key)
+        at = f"{where}{sep}{key}" + "".join(f"[{x}]" for x in loc[1:] if isinstance(x, int))
+        kind, value = _KINDS.get(err["type"]), err.get("input")
+        if kind is not None:
+            out.append(f"{at}: expected {kind}, got {type(value).__name__} {value!r}")
+        else:
+            out.append(f"{at}: {err['msg']}")
+    return out
 
 
-def _coerce_field(cls: type, name: str, value: Any, where: str, problems: list[str]) -> Any:
-    """Check one TOML value against the dataclass field's annotation and convert it."""
-    ann = {f.name: f.type for f in dataclasses.fields(cls)}[name]
-    ann = str(ann)
-    optional = "None" in ann
-    if value is None and optional:
-        return None
-    if ann.startswith("tuple[Path"):
-        if isinstance(value, str):
-            value = [value]
-        if _expect(value, list, where, problems) and all(_expect(v, str, where, problems) for v in value):
-            return tuple(Path(v) for v in value)
-        return None
-    if ann.startswith("tuple[str"):
-        if isinstance(value, str):
-            value = [value]
-        if _expect(value, list, where, problems) and all(_expect(v, str, where, problems) for v in value):
-            return tuple(value)
-        return None
-    if ann.startswith("Path"):
-        return Path(value) if _expect(value, str, where, problems) else None
-    if ann.startswith("bool"):
-        return value if _expect(value, bool, where, problems) else None
-    if ann.startswith("int"):
-        return value if _expect(value, int, where, problems) else None
-    if ann.startswith("float"):
-        return float(value) if _expect(value, (int, float), where, problems) else None
-    if ann.startswith("str"):
-        return value if _expect(value, str, where, problems) else None
-    raise AssertionError(f"unhandled annotation {ann} for {cls.__name__}.{name}")
-
-
-def _build(cls: type, table: Mapping[str, Any], where: str, problems: list[str], *, base: Any = None) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
+def _build(cls: type, table: Mapping[str, Any], where: str, problems: list[str], *, sep: str = ".",
+           **fixed: Any) -> Any:  # fmt: skip
+    """`cls` from a TOML table, pydantic checking the types. Every unknown key and bad value goes
+    into `problems` (named `<where><sep><key>`); the object returned keeps the defaults for those."""
+    known = {f.name for f in dataclasses.fields(cls)} - {"adapters", "source_file"} - set(fixed)
     values: dict[str, Any] = {}
     for key, value in table.items():
         if key not in known:
             problems.append(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
-            continue
-        converted = _coerce_field(cls, key, value, f"{where}.{key}", problems)
-        if converted is not None or value is None:
-            values[key] = converted
-    obj = base if base is not None else cls()
-    return dataclasses.replace(obj, **values)
+        else:
+            values[key] = value
+    try:
+        return cls(**values, **fixed)
+    except ValidationError as exc:
+        problems.extend(_problems(exc, where, sep))
+        bad = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
+        return cls(**{k: v for k, v in values.items() if k not in bad}, **fixed)
 
 
 def _resolve(path: Path, root: Path) -> Path:
@@ -324,11 +365,10 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None, root: P
         if key == "adapters":
             adapters_table = value
         elif key in _TOP_KEYS:
-            converted = _coerce_field(TrainerConfig, key, value, f"{where}: {key}", problems)
-            if converted is not None:
-                top[key] = converted
+            top[key] = value
         else:
             problems.append(f"{where}: unknown top-level key {key!r} (known: adapters, {', '.join(sorted(_TOP_KEYS))})")
+    base = _build(TrainerConfig, top, where, problems, sep=": ")
     adapters: list[AdapterConfig] = []
     if not isinstance(adapters_table, dict):
         problems.append(f"{where}: [adapters] must be a table of [adapters.NAME] sections")
@@ -336,14 +376,15 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None, root: P
     for name, table in adapters_table.items():
         adapters.append(_parse_adapter(name, table, f"{where}: [adapters.{name}]", root, problems))
 
+    resolved: dict[str, Any] = {}  # the paths the file names, against its folder (defaults as they are)
     for key in ("base_model", "adapters_dir", "cache_dir", "lock_file"):
-        if isinstance(top.get(key), Path):
-            top[key] = _resolve(top[key], root)
-    if isinstance(top.get("runs_db"), str):
-        top["runs_db"] = _log_target(top["runs_db"], root)
+        if key in top and isinstance(getattr(base, key), Path):
+            resolved[key] = _resolve(getattr(base, key), root)
+    if "runs_db" in top and isinstance(base.runs_db, str):
+        resolved["runs_db"] = _log_target(base.runs_db, root)
     if "logs" in top:
-        top["logs"] = tuple(str(_log_target(p, root)) for p in top["logs"])
-    cfg = TrainerConfig(**top, adapters=tuple(adapters), source_file=source)
+        resolved["logs"] = tuple(str(_log_target(p, root)) for p in base.logs)
+    cfg = dataclasses.replace(base, **resolved, adapters=tuple(adapters), source_file=source)
     problems.extend(validate(cfg))
     if problems:
         raise ConfigError(problems)
@@ -356,7 +397,7 @@ def _parse_adapter(name: str, table: Any, where: str, root: Path, problems: list
         return AdapterConfig(name=name)
     source_values: dict[str, Any] = {}
     sections: dict[str, Any] = {}
-    keep = 5
+    own: dict[str, Any] = {}
     for key, value in table.items():
         if key in _SECTIONS:
             if not isinstance(value, dict):
@@ -369,8 +410,7 @@ def _parse_adapter(name: str, table: Any, where: str, root: Path, problems: list
                 continue
             source_values.update(value)
         elif key == "keep":
-            if _expect(value, int, f"{where}.keep", problems):
-                keep = value
+            own[key] = value
         elif key in _SOURCE_KEYS:
             source_values[key] = value
         else:
@@ -387,7 +427,7 @@ def _parse_adapter(name: str, table: Any, where: str, root: Path, problems: list
         sections["gate"] = dataclasses.replace(
             gate, scorer=scorer, score_file=_resolve(gate.score_file, root) if gate.score_file else None
         )
-    return AdapterConfig(name=name, source=source, keep=keep, **sections)
+    return _build(AdapterConfig, own, where, problems, name=name, source=source, **sections)
 
 
 def validate(cfg: TrainerConfig) -> list[str]:
@@ -407,31 +447,7 @@ def validate(cfg: TrainerConfig) -> list[str]:
             validate_name(a.name)
         except ValueError as exc:
             problems.append(f"{w}: {exc}")
-        t = a.train
-        if t.n_ctx < 256 or t.n_ctx % 256:
-            problems.append(f"{w}.train.n_ctx must be a positive multiple of 256, got {t.n_ctx}")
-        if t.schedule not in SCHEDULES:
-            problems.append(f"{w}.train.schedule must be one of {', '.join(SCHEDULES)}, got {t.schedule!r}")
-        if t.epochs < 1:
-            problems.append(f"{w}.train.epochs must be >= 1, got {t.epochs}")
-        if not t.lr > 0:
-            problems.append(f"{w}.train.lr must be > 0, got {t.lr}")
-        if t.optimizer not in OPTIMIZERS:
-            problems.append(f"{w}.train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {t.optimizer!r}")
-        if not 0.0 < t.val_fraction < 1.0:
-            problems.append(f"{w}.train.val_fraction must be between 0 and 1, got {t.val_fraction}")
-        if not t.targets:
-            problems.append(f"{w}.train.targets must name at least one tensor kind")
-        if t.method not in METHODS:
-            problems.append(f"{w}.train.method must be one of {', '.join(METHODS)}, got {t.method!r}")
-        if t.rank < 1:
-            problems.append(f"{w}.train.rank must be >= 1, got {t.rank}")
-        if not t.alpha > 0:
-            problems.append(f"{w}.train.alpha must be > 0, got {t.alpha}")
-        if t.windows not in WINDOWS:
-            problems.append(f"{w}.train.windows must be one of {', '.join(WINDOWS)}, got {t.windows!r}")
-        if t.checkpoint_every < 0 or t.warmup_steps < 0 or t.top_layers < 0:
-            problems.append(f"{w}.train: checkpoint_every, warmup_steps and top_layers must be >= 0")
+        problems.extend(f"{w}.train.{p}" for p in a.train.problems())
         g = a.gate
         if not 0.0 <= g.min_score <= 1.0:
             problems.append(f"{w}.gate.min_score must be in [0, 1], got {g.min_score}")
@@ -450,10 +466,6 @@ def validate(cfg: TrainerConfig) -> list[str]:
             problems.append(f"{w}.extract.rank must be >= 1, got {e.rank}")
         if a.gate.mode not in GATE_MODES:
             problems.append(f"{w}.gate.mode must be one of {', '.join(GATE_MODES)}, got {a.gate.mode!r}")
-        for cap in ("max_items", "max_val_items"):
-            value = getattr(t, cap)
-            if value is not None and value < 1:
-                problems.append(f"{w}.train.{cap} must be >= 1, got {value}")
         if a.keep < 1:
             problems.append(f"{w}.keep must be >= 1, got {a.keep}")
         if a.gate.min_items < 1:
@@ -488,6 +500,13 @@ def with_overrides(cfg: TrainerConfig, **overrides: Any) -> TrainerConfig:
     unknown = set(top) - _TOP_KEYS
     if unknown:
         raise ConfigError([f"unknown override(s): {', '.join(sorted(unknown))}"])
+    try:
+        return _overridden(cfg, top, adapter_overrides)
+    except ValidationError as exc:  # a value of the wrong type
+        raise ConfigError(_problems(exc, "override", ": ")) from None
+
+
+def _overridden(cfg: TrainerConfig, top: dict[str, Any], adapter_overrides: Mapping[str, Mapping[str, Any]]) -> TrainerConfig:
     cfg = dataclasses.replace(cfg, **top)
     new_adapters = []
     for a in cfg.adapters:

@@ -34,12 +34,13 @@ from typing import IO, Any
 
 import gguf
 import numpy as np
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from adapter_chat.chat_template import ChatTemplate
 from adapter_chat.gguf_info import sha256_file
 from adapter_chat.registry import write_lora_gguf
-from trainer.config import METHODS, SCHEDULES, WINDOWS
-from trainer.llama_opt import DEFAULT_TARGETS, OPTIMIZERS, TrainSession
+from trainer.config import SECTION, Bool, Int, TrainSettings
+from trainer.llama_opt import TrainSession
 from trainer.packing import Example, Packing, Window, pack, tokenize_example
 
 Callback = Callable[[dict[str, Any]], None]
@@ -54,9 +55,11 @@ class TrainingInterrupted(RuntimeError):
         self.total_steps = total_steps
 
 
-@dataclass
-class TrainConfig:
-    """Everything that decides a training run (saved with the adapter as hyperparameters).
+@pydantic_dataclass(frozen=True, kw_only=True, config=SECTION)
+class TrainConfig(TrainSettings):
+    """Everything that decides a training run (saved with the adapter as hyperparameters): an
+    adapter's ``[train]`` settings (``trainer.config.TrainSettings``, defined and checked there
+    once) plus what the run reads and where it writes.
 
     ``n_ctx`` is the window length in tokens and must be a multiple of 256. ``schedule``
     "cosine" decays the learning rate from ``lr`` to ``lr_min`` over all steps.
@@ -65,72 +68,23 @@ class TrainConfig:
 
     base_model: Path
     cache_dir: Path
-    n_ctx: int = 256
-    epochs: int = 1
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    threads: int = 2
-    n_gpu_layers: int = 0
-    seed: int = 0
-    schedule: str = "constant"
-    lr_min: float = 0.0
-    shuffle: bool = True
-    method: str = "lora"
-    rank: int = 16
-    alpha: float = 32.0
-    quantized_base: bool = False
-    """LoRA over the served (quantized) base file; False (default): over its F32 copy (backward
-    through quantized matrices is 2.3x slower on CPU, bench/RESULTS.md)."""
-    top_layers: int = 0
-    """LoRA on the last this many blocks only (0: all); backward stops below the lowest one."""
-    checkpoint_every: int = 50
-    """Steps between checkpoints of the LoRA (a killed run resumes from the last one); 0: none."""
-    warmup_steps: int = 0
-    windows: str = "packed"
-    """``packed`` (:func:`trainer.packing.pack`: assistant-only loss, one sequence per item) or
-    ``stream`` (the trainer before session 4, kept for the benchmark: :func:`make_windows` over
-    every item's tokens, every token a target, windows across item boundaries)."""
+    threads: Int = 2
+    n_gpu_layers: Int = 0
+    shuffle: Bool = True
 
     def __post_init__(self) -> None:
-        self.base_model = Path(self.base_model)
-        self.cache_dir = Path(self.cache_dir)
-        self.targets = tuple(self.targets)
-        problems = []
-        if self.n_ctx <= 0 or self.n_ctx % 256:
-            problems.append(f"n_ctx must be a positive multiple of 256 (llama.cpp pads to 256), got {self.n_ctx}")
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1, got {self.epochs}")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.schedule not in SCHEDULES:
-            problems.append(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not self.targets:
-            problems.append("targets must name at least one matrix, e.g. attn_q")
+        problems = self.problems()
         if self.threads < 1:
             problems.append(f"threads must be >= 1, got {self.threads}")
-        if self.method not in METHODS:
-            problems.append(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.windows not in WINDOWS:
-            problems.append(f"windows must be one of {WINDOWS}, got {self.windows!r}")
-        if self.rank < 1:
-            problems.append(f"rank must be >= 1, got {self.rank}")
-        if not self.alpha > 0:
-            problems.append(f"alpha must be > 0, got {self.alpha}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
     @classmethod
-    def from_settings(cls, settings: Any, *, base_model: Path, cache_dir: Path, threads: int,
+    def from_settings(cls, settings: TrainSettings, *, base_model: Path, cache_dir: Path, threads: int,
                       n_gpu_layers: int = 0) -> TrainConfig:
-        """The run's config from an adapter's ``[train]`` (``trainer.config.TrainSettings``): every
-        setting the two define, taken by name, so a new one cannot be dropped on the way."""
-        shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(settings)}
+        """The run's config from an adapter's ``[train]``: every setting, taken by name."""
         return cls(base_model=base_model, cache_dir=cache_dir, threads=threads, n_gpu_layers=n_gpu_layers,
-                   **{name: getattr(settings, name) for name in shared})  # fmt: skip
+                   **{f.name: getattr(settings, f.name) for f in dataclasses.fields(TrainSettings)})  # fmt: skip
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate for 0-based ``step`` of ``total_steps`` (linear warm-up first)."""
@@ -577,8 +531,6 @@ def train(
 
 
 __all__ = [
-    "DEFAULT_TARGETS",
-    "METHODS",
     "Checkpoint",
     "initial_lora",
     "Callback",
