@@ -51,7 +51,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from adapter_chat import registry  # noqa: E402
+from adapter_chat import publish, registry  # noqa: E402
 from adapter_chat.chat_template import ChatTemplate  # noqa: E402
 from adapter_chat.gguf_info import BaseModelInfo  # noqa: E402
 
@@ -120,7 +120,7 @@ def make_lora_file(path: Path, base: BaseModelInfo, *, seed: int, rank: int = 8,
 def publish_lora(adapters_dir: Path, name: str, base: BaseModelInfo, *, seed: int, tmp: Path) -> Path:
     """Publish a random adapter through the shared registry code; returns the published GGUF."""
     src = make_lora_file(tmp / f"{name}-{seed}.gguf", base, seed=seed)
-    m = registry.publish_version(adapters_dir, name, src, base_model_sha256=base.sha256, base_model_name=base.name,
+    m = publish.publish_version(adapters_dir, name, src, base_model_sha256=base.sha256, base_model_name=base.name,
                                  architecture=base.architecture, rank=8, alpha=8.0, metrics={"note": "bench"})
     return adapters_dir / name / m.file
 

@@ -102,7 +102,7 @@ def publishing_rows(fig: dict[str, Any]) -> list[tuple[str, str]]:
                                   f"{partial} partial versions visible; after every one the current version was loadable (served, where a "
                                   "server watched) and the next publish succeeded")),
         ("Publisher killed at each step", (f"{g(fig, 'publish_step_kills', 'kills')} kills, one after each of the "
-                                          f"{len(steps)} steps of the protocol (`registry.PUBLISH_STEPS`), a server "
+                                          f"{len(steps)} steps of the protocol (`publish.PUBLISH_STEPS`), a server "
                                           f"watching: {g(fig, 'publish_step_kills', 'partial_visible')} partial versions "
                                           f"visible, {g(fig, 'publish_step_kills', 'server_refusals')} refusals, next publish "
                                           f"served {g(fig, 'publish_step_kills', 'next_publish_ok')} times; "
@@ -271,7 +271,7 @@ Machine: {meta['machine']}. The machine was shared with other engineers' benchma
   names (`../`, absolute paths, `%2F`, backslashes, NUL, 10 KB, Unicode look-alikes and digits, URLs,
   `file://`, `.bin`/`.pt`, `@01`) are sent as `model` and as per-request `adapters`; inotify watches the
   outside folders for any open or read.
-- **Crafted adapters**: published with `registry.publish_version` into a running server's adapters dir
+- **Crafted adapters**: published with `publish.publish_version` into a running server's adapters dir
   (the real hot-reload path); reasons given by the server:
 
 | crafted file | refused because |
@@ -288,9 +288,9 @@ Machine: {meta['machine']}. The machine was shared with other engineers' benchma
 - **kill -9 loop** (`make test-slow`): start on one DB, mixed load, `kill -9` at a random moment, check
   `PRAGMA integrity_check` and that every answered request id has a row, restart, repeat.
 - **Publishing faults** (`tests/test_publish_faults.py`): the publisher is the real code in a child
-  process, `registry.publish_version` or `python -m trainer train`. For step kills the child installs
-  `registry.set_fault_hook` with a hook that SIGKILLs its own process right after one step of
-  `registry.PUBLISH_STEPS` ({', '.join(g(fig, 'publish_step_kills', 'steps', default=[]))}); the hook is
+  process, `publish.publish_version` or `python -m trainer train`. For step kills the child installs
+  `publish.set_fault_hook` with a hook that SIGKILLs its own process right after one step of
+  `publish.PUBLISH_STEPS` ({', '.join(g(fig, 'publish_step_kills', 'steps', default=[]))}); the hook is
   inert unless a test installs it. Random kills are a SIGKILL from outside at a random delay (within
   1.3x a measured publish for the publisher, within 1.1x a whole run for the trainer); "landed after"
   is the last step the child logged. After every kill: `registry.scan` reports no version whose manifest

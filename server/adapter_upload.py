@@ -5,7 +5,7 @@ Owns: streaming the request body into a temporary file in the adapters directory
 filesystem as the versions, so publishing is a rename), with the size limit enforced on the bytes
 as they arrive and their sha256 computed on the way; checking the checksum the client sent; letting
 llama.cpp load the file in a probe process, as the pool does before serving a version; and then
-publishing it with ``registry.import_lora`` (validated against the served base exactly like the
+publishing it with ``adapter_chat.publish.import_lora`` (validated against the served base exactly like the
 trainer's output, written atomically). Nothing is published unless every check passed, and the
 temporary file is removed whatever happens. Raises the typed errors of ``server.errors``.
 """
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_chat import registry
+from adapter_chat.publish import import_lora
 from adapter_chat.probe import probe_adapter
 from adapter_chat.gguf_info import BaseModelInfo
 from server.errors import Conflict, InvalidRequest, PayloadTooLarge
@@ -118,7 +119,7 @@ def publish(
         if problem is not None:
             raise InvalidRequest(problem, param="file")
         try:
-            return registry.import_lora(adapters_dir, req.name, upload, base, scale=req.scale, note=req.note, keep=keep)
+            return import_lora(adapters_dir, req.name, upload, base, scale=req.scale, note=req.note, keep=keep)
         except registry.AdapterInvalid as e:
             raise InvalidRequest(str(e), param="file") from None
         except OSError as e:

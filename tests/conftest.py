@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts.fetch_model import fetch  # noqa: E402
-from adapter_chat import registry  # noqa: E402
+from adapter_chat import publish, registry  # noqa: E402
 from adapter_chat.gguf_info import BaseModelInfo  # noqa: E402
 
 LORA_TARGETS = registry.DEFAULT_LORA_TARGETS
@@ -64,7 +64,7 @@ def make_lora_file(
 def publish_lora(adapters_dir: Path, name: str, base: BaseModelInfo, *, seed: int, tmp: Path, **kw: Any) -> int:
     """Publish a random adapter as the next version of `name` through the shared registry code."""
     src = make_lora_file(tmp / f"{name}-{seed}.gguf", base, seed=seed, **kw)
-    manifest = registry.publish_version(
+    manifest = publish.publish_version(
         adapters_dir, name, src, base_model_sha256=base.sha256, base_model_name=base.name,
         architecture=base.architecture, rank=kw.get("rank", 8), alpha=float(kw.get("rank", 8)),
         metrics={"note": "test"},

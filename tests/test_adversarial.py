@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 
-from adapter_chat import registry
+from adapter_chat import publish, registry
 from server.app import AUTH_ADMIN, AUTH_API, AUTH_PUBLIC, create_app
 from server.settings import Settings
 from tests import conftest
@@ -521,7 +521,7 @@ def test_crafted_adapter_files_are_refused_through_hot_reload(fresh, base_info, 
     crafted = crafted_adapters(base_info, tmp_path)
     assert len(crafted) >= 20
     for name, (path, sha) in crafted.items():
-        registry.publish_version(srv.adapters_dir, f"bad-{name}", path, base_model_sha256=sha, rank=4)
+        publish.publish_version(srv.adapters_dir, f"bad-{name}", path, base_model_sha256=sha, rank=4)
 
     def refused() -> dict:
         return httpx.get(f"{srv.url}/v1/adapters", timeout=60).json()["refused"]

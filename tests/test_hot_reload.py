@@ -8,7 +8,7 @@ import shutil
 
 import httpx
 
-from adapter_chat import registry
+from adapter_chat import publish
 from tests.conftest import chat_body, publish_lora, wait_for
 
 QUESTION = "Write one sentence about the sea."
@@ -64,7 +64,7 @@ def test_reload_endpoint_removal_and_rollback(fresh_server, base_info, tmp_path)
     publish_lora(srv.adapters_dir, "manual", base_info, seed=22, tmp=tmp_path)
     httpx.post(f"{srv.url}/v1/adapters/reload", timeout=60)
     assert answer(srv, "manual", max_tokens=2).headers["x-adapters"] == "manual@2:1"
-    assert registry.rollback(srv.adapters_dir, "manual") == 1
+    assert publish.rollback(srv.adapters_dir, "manual") == 1
     httpx.post(f"{srv.url}/v1/adapters/reload", timeout=60)
     assert answer(srv, "manual", max_tokens=2).headers["x-adapters"] == "manual@1:1"
     shutil.rmtree(srv.adapters_dir / "manual")
@@ -96,10 +96,10 @@ def test_bad_adapter_files_are_refused_and_the_server_keeps_serving(fresh_server
     publish_lora(srv.adapters_dir, "good", base_info, seed=31, tmp=tmp_path)
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + b"\x00" * 100)
-    registry.publish_version(srv.adapters_dir, "junk", junk, base_model_sha256=base_info.sha256, rank=8)
+    publish.publish_version(srv.adapters_dir, "junk", junk, base_model_sha256=base_info.sha256, rank=8)
     wrong_base = tmp_path / "wrong.gguf"
     shutil.copy(srv.adapters_dir / "good" / "v1.gguf", wrong_base)
-    registry.publish_version(srv.adapters_dir, "other-base", wrong_base, base_model_sha256="0" * 64, rank=8)
+    publish.publish_version(srv.adapters_dir, "other-base", wrong_base, base_model_sha256="0" * 64, rank=8)
     # a version whose file was changed after publishing (checksum no longer matches)
     publish_lora(srv.adapters_dir, "tampered", base_info, seed=32, tmp=tmp_path)
     with open(srv.adapters_dir / "tampered" / "v1.gguf", "r+b") as f:

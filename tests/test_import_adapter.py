@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 
-from adapter_chat import registry
+from adapter_chat import publish, registry
 from tests.conftest import LORA_TARGETS, ROOT
 
 QUESTION = "Write one sentence about the sea."
@@ -83,7 +83,7 @@ def test_imported_f16_and_f32_adapters_are_served_and_change_the_answer(tmp_path
 
 def test_scale_multiplies_alpha(tmp_path, base_info) -> None:
     src = converter_lora(tmp_path / "a.gguf", base_info, seed=1)
-    m = registry.import_lora(tmp_path / "adapters", "half", src, base_info, scale=0.5)
+    m = publish.import_lora(tmp_path / "adapters", "half", src, base_info, scale=0.5)
     assert m.alpha == 8.0 and m.hyperparameters["scale"] == 0.5
     assert registry.validate_lora_file(tmp_path / "adapters" / "half" / "v1.gguf", base_info).alpha == 8.0
 

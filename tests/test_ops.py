@@ -37,7 +37,7 @@ import pytest
 import tomllib
 import yaml
 
-from adapter_chat import registry
+from adapter_chat import publish
 from adapter_chat.chat_template import ChatTemplate
 from adapter_chat.gguf_info import BaseModelInfo
 from server.settings import Settings
@@ -318,7 +318,7 @@ def ops_server(tmp_path_factory: pytest.TempPathFactory, model_path: Path, base_
     # an adapter made for another base model: the server refuses it (adapter_load_failures_total)
     src = work / "broken.gguf"
     shutil.copy(adapters / "style-a" / "v1.gguf", src)
-    registry.publish_version(adapters, "broken", src, base_model_sha256="0" * 64, base_model_name="other",
+    publish.publish_version(adapters, "broken", src, base_model_sha256="0" * 64, base_model_name="other",
                              architecture=base_info.architecture, rank=8, alpha=8.0, metrics={})
     (work / "prompts").mkdir()
     write_routes(work / "prompts", SHARED_ROUTES, {"pirate.j2": PIRATE})

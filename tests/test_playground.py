@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Page, sync_playwright
 
-from adapter_chat import registry, store
+from adapter_chat import publish, store
 from adapter_chat.gguf_info import BaseModelInfo
 from tests.conftest import (
     PIRATE,
@@ -64,7 +64,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_path: Path, base_info
     adapters = work / "adapters"
     adapters.mkdir()
     publish_lora(adapters, "style-a", base_info, seed=1, tmp=work)
-    registry.publish_version(
+    publish.publish_version(
         adapters, ADAPTER, make_lora_file(work / "house.gguf", base_info, seed=3), base_model_sha256=base_info.sha256,
         base_model_name=base_info.name, architecture=base_info.architecture, rank=8, alpha=8.0,
         metrics=MANIFEST_METRICS, data_window={"items": 120, "train_items": 96, "val_items": 24},

@@ -1,9 +1,9 @@
 """Publishing faults: a publisher killed at every step and at random moments, a full disk during a
 publish, a byte flipped in a published adapter, and a rollback under load, against a running server.
 
-The publisher is always the real code: `registry.publish_version` in a child process, or the real
-`python -m trainer train`. Step boundaries come from `registry.PUBLISH_STEPS`; a child installs
-`registry.set_fault_hook` with a hook that SIGKILLs its own process at one step (the hook is inert
+The publisher is always the real code: `publish.publish_version` in a child process, or the real
+`python -m trainer train`. Step boundaries come from `publish.PUBLISH_STEPS`; a child installs
+`publish.set_fault_hook` with a hook that SIGKILLs its own process at one step (the hook is inert
 unless installed, and nothing but these children installs it). Random kills come from outside
 (SIGKILL at a random delay). After every kill: no partial version is visible (every manifest has
 its weights with the matching sha256, the server refuses nothing and lists exactly the complete
@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
-from adapter_chat import registry
+from adapter_chat import publish, registry
 from adapter_chat.gguf_info import BaseModelInfo
 from tests.conftest import ROOT, ServerProcess, chat_body, make_lora_file, publish_lora
 from tests.reliability import db_rows, record
@@ -38,36 +38,36 @@ from tests.smallfs import fill, small_filesystem
 from tests.tinymodel import make_tiny_llama
 
 URL = "/v1/chat/completions"
-STEPS = registry.PUBLISH_STEPS
+STEPS = publish.PUBLISH_STEPS
 
 # A child process: install a hook that logs every step (and SIGKILLs itself at one), then run the
 # real publishing code: `publish_version` once or in a loop, or the trainer's CLI.
 CHILD = r"""
 import json, os, signal, sys, time
 from pathlib import Path
-from adapter_chat import registry
+from adapter_chat import publish, registry
 spec = json.loads(sys.argv[1])
 fd = os.open(spec["steplog"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 def hook(step):
     os.write(fd, (step + "\n").encode())
     if step == spec.get("crash_at"):
         os.kill(os.getpid(), signal.SIGKILL)
-registry.set_fault_hook(hook)
+publish.set_fault_hook(hook)
 if spec["mode"] == "trainer":
     from trainer.__main__ import main
     sys.exit(main(spec["argv"]))
-def publish():
-    return registry.publish_version(Path(spec["adapters_dir"]), spec["name"], Path(spec["src"]),
+def publish_one():
+    return publish.publish_version(Path(spec["adapters_dir"]), spec["name"], Path(spec["src"]),
                                     base_model_sha256=spec["sha"], architecture="llama", rank=spec["rank"],
                                     alpha=float(spec["rank"]), keep=spec["keep"]).version
 if spec["mode"] == "once":
-    publish()
+    publish_one()
     sys.exit(0)
-t = time.monotonic(); publish(); print("calibrated", time.monotonic() - t, flush=True)
+t = time.monotonic(); publish_one(); print("calibrated", time.monotonic() - t, flush=True)
 while True:
     os.write(fd, b"begin\n")
     print("go", flush=True)
-    v = publish()
+    v = publish_one()
     print("done", v, flush=True)
     time.sleep(0.005)
 """
@@ -182,7 +182,7 @@ def lora_src(tmp_path_factory: pytest.TempPathFactory, base_info: BaseModelInfo)
 def pub(adapters: Path, name: str, base: BaseModelInfo, *, seed: int, tmp: Path, keep: int = 5) -> int:
     """Publish a fresh random LoRA as the next version of `name` (in this process); its number."""
     src = make_lora_file(tmp / f"{name}-{seed}.gguf", base, seed=seed)
-    return registry.publish_version(adapters, name, src, base_model_sha256=base.sha256, architecture=base.architecture,
+    return publish.publish_version(adapters, name, src, base_model_sha256=base.sha256, architecture=base.architecture,
                                     rank=8, alpha=8.0, keep=keep).version
 
 
@@ -520,13 +520,13 @@ def test_disk_full_during_publish_aborts_and_the_old_version_keeps_serving(fresh
                     _, current_before, _ = disk_state(srv.adapters_dir, name)
                     filler = fill(fs / "filler", leave=leave)
                     steps: list[str] = []
-                    registry.set_fault_hook(steps.append)
+                    publish.set_fault_hook(steps.append)
                     try:
                         with pytest.raises(OSError) as err:
-                            registry.publish_version(srv.adapters_dir, name, lora_src, base_model_sha256=base_info.sha256,
+                            publish.publish_version(srv.adapters_dir, name, lora_src, base_model_sha256=base_info.sha256,
                                                      architecture="llama", rank=8, alpha=8.0)
                     finally:
-                        registry.set_fault_hook(None)
+                        publish.set_fault_hook(None)
                     after = sorted(os.listdir(srv.adapters_dir / name))
                     view = wait_converged(srv, name)
                     outcomes[case] = {"errno": errno.errorcode.get(err.value.errno, err.value.errno),

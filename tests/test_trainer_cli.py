@@ -12,7 +12,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from adapter_chat import registry
+from adapter_chat import publish, registry
 from adapter_chat.gguf_info import BaseModelInfo
 from adapter_chat.store import finish_trainer_run, open_db, start_trainer_run
 from tests.tinymodel import make_tiny_llama
@@ -170,7 +170,7 @@ def _publish(adapters: Path, base: BaseModelInfo, tmp: Path, n: int) -> None:
     pairs = {"blk.0.attn_q.weight": (rng.standard_normal((4, shapes[1])), rng.standard_normal((shapes[0], 4)) * 0.01)}
     path = tmp / f"lora{n}.gguf"
     registry.write_lora_gguf(path, architecture=base.architecture, pairs=pairs, alpha=4.0)
-    registry.publish_version(adapters, "house", path, base_model_sha256=base.sha256, rank=4, alpha=4.0)
+    publish.publish_version(adapters, "house", path, base_model_sha256=base.sha256, rank=4, alpha=4.0)
 
 
 def test_rollback_makes_the_previous_version_current(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

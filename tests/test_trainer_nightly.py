@@ -17,7 +17,7 @@ from types import ModuleType
 
 import pytest
 
-from adapter_chat import registry
+from adapter_chat import publish, registry
 from adapter_chat.gguf_info import BaseModelInfo
 from adapter_chat.store import open_db
 from tests.conftest import log_rows
@@ -173,7 +173,7 @@ def _seed_strict(world: Path, published: Outcome) -> None:
     adapters = world / "adapters"
     if registry.current_version(adapters, "strict") is None:
         m = registry.list_versions(adapters, "cto")[0]
-        registry.publish_version(adapters, "strict", adapters / "cto" / "v1.gguf", base_model_sha256=m.base_model_sha256,
+        publish.publish_version(adapters, "strict", adapters / "cto" / "v1.gguf", base_model_sha256=m.base_model_sha256,
                                  architecture=m.architecture, rank=m.rank, alpha=m.alpha)  # fmt: skip
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapter_chat import registry
+from adapter_chat import publish, registry
 from adapter_chat.chat_template import ChatTemplate, ChatTemplateError
 from server.routes import RouteTable, RoutesFileError, bucket
 from adapter_chat.store import migrate, open_db
@@ -43,15 +43,15 @@ def test_publish_rollback_keep_and_checksum(tmp_path: Path, base_info) -> None:
     src = make_lora_file(tmp_path / "a.gguf", base_info, seed=1, rank=4)
     kw = dict(base_model_sha256=base_info.sha256, rank=4, alpha=4.0, keep=2)
     for expected in (1, 2, 3):
-        m = registry.publish_version(tmp_path / "adapters", "house", src, **kw)
+        m = publish.publish_version(tmp_path / "adapters", "house", src, **kw)
         assert m.version == expected
     assert [m.version for m in registry.list_versions(tmp_path / "adapters", "house")] == [2, 3]  # keep=2
     assert registry.current_version(tmp_path / "adapters", "house") == 3
     assert registry.list_versions(tmp_path / "adapters", "house")[1].parent_version == 2
-    assert registry.rollback(tmp_path / "adapters", "house") == 2
+    assert publish.rollback(tmp_path / "adapters", "house") == 2
     assert registry.resolve(tmp_path / "adapters", "house").version == 2
     with pytest.raises(registry.VersionNotFound):
-        registry.rollback(tmp_path / "adapters", "house")
+        publish.rollback(tmp_path / "adapters", "house")
     # a corrupted file is not a complete version any more
     with open(tmp_path / "adapters" / "house" / "v2.gguf", "r+b") as f:
         f.seek(200)
@@ -63,7 +63,7 @@ def test_publish_rollback_keep_and_checksum(tmp_path: Path, base_info) -> None:
 def test_scan_skips_symlinks_bad_names_and_incomplete_versions(tmp_path: Path, base_info) -> None:
     root = tmp_path / "adapters"
     src = make_lora_file(tmp_path / "a.gguf", base_info, seed=1, rank=4)
-    registry.publish_version(root, "good", src, base_model_sha256=base_info.sha256, rank=4)
+    publish.publish_version(root, "good", src, base_model_sha256=base_info.sha256, rank=4)
     (root / "bad name").mkdir()
     os.symlink(root / "good", root / "link")
     (root / "incomplete").mkdir()

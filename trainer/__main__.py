@@ -11,6 +11,8 @@ Commands:
 Configuration: `--config trainer.toml` (see docs/trainer.md); flags override the file, the file
 overrides the defaults. Exit codes: 0 ok (including gate refused / skipped), 1 failure,
 2 usage or configuration error, 75 lock held (try later), 130 interrupted.
+
+Over the ~400-line guide on purpose: the CLI, one small function per subcommand and its parser.
 """
 
 from __future__ import annotations
@@ -335,7 +337,8 @@ def cmd_nightly(args: argparse.Namespace, *, one_off: bool = False) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from adapter_chat.registry import InvalidAdapterName, RegistryError, current_version, rollback
+    from adapter_chat.publish import rollback
+    from adapter_chat.registry import InvalidAdapterName, RegistryError, current_version
 
     adapters_dir = args.adapters_dir
     if adapters_dir is None:
@@ -354,7 +357,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from adapter_chat.gguf_info import BaseModelInfo
-    from adapter_chat.registry import AdapterInvalid, InvalidAdapterName, RegistryError, import_lora
+    from adapter_chat.publish import import_lora
+    from adapter_chat.registry import AdapterInvalid, InvalidAdapterName, RegistryError
 
     cfg = load_config(args.config) if args.config else TrainerConfig()
     adapters_dir = args.adapters_dir or cfg.adapters_dir

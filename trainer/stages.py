@@ -282,7 +282,7 @@ def evaluate_stage(s: Stages, ds: DatasetResult, tr: TrainResult) -> EvalResult:
 
 def publish_stage(s: Stages, ds: DatasetResult, tr: TrainResult, ev: EvalResult) -> None:
     """Copy to ``--output`` if asked, then publish atomically when the gate passed (or ``--force``)."""
-    from adapter_chat import registry
+    from adapter_chat import publish
 
     cfg, adapter, options, outcome = s.cfg, s.adapter, s.options, s.outcome
     if options.output is not None:
@@ -300,7 +300,7 @@ def publish_stage(s: Stages, ds: DatasetResult, tr: TrainResult, ev: EvalResult)
         outcome.status, outcome.reason = "rejected", f"{ev.why}; {keep}"
         return
     report = ds.data.report
-    manifest = registry.publish_version(
+    manifest = publish.publish_version(
         cfg.adapters_dir,
         adapter.name,
         tr.lora_path,
