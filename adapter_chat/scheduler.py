@@ -18,7 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-AdapterSet = tuple[tuple[int, float], ...]  # (adapter handle id, scale) per adapter, in request order
+# What the KV cache was computed under: (loaded adapter's handle id, scale) per adapter, in request
+# order. The adapter's identity (name, version, file, sha256: `adapter_chat.identity.AdapterUse`)
+# stays above the engine, as vLLM's engine keys by `lora_int_id` under its `LoRARequest`: the
+# engine needs only what llama.cpp applies, and a handle id is unique for the engine's lifetime, so
+# a reloaded version never matches KV computed under the old one.
+AdapterSet = tuple[tuple[int, float], ...]
 
 PREFIX_WORTH_TOKENS = 64  # a cached prefix this long outweighs keeping adapter groups contiguous
 # Copy another slot's prefix when that saves more prefill than the copy costs. llama.cpp copies the

@@ -6,6 +6,9 @@ differences between the two databases in adapter_chat/db.py. Migrations are orde
 `m001_...`; `migrate(engine)` applies the missing ones and is safe to re-run. The server writes
 through `ConversationLog`, one thread fed by a queue, so the event loop never waits on the
 database. The trainer uses `open_db` and the trainer-run helpers.
+
+Over the ~400-line guide on purpose: the tables, their migrations and the one writer change
+together (a column is added in all three at once), so they stay in one file.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Owns the request lifecycle between HTTP and the engine: route and path choice, system prompt,
 sampling defaults, prompt rendering and the context check, adapter leases, engine submission,
 the conversation-log row and the request metrics. Handlers only format what it yields.
+
+Over the ~400-line guide on purpose: one request's lifecycle, read in order from plan to log row;
+splitting it would scatter one sequence of steps across files.
 """
 
 from __future__ import annotations

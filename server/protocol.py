@@ -2,6 +2,9 @@
 
 Requests are pydantic models that accept unknown fields (real clients send them; they are ignored).
 Responses are built by small functions returning plain dicts, which is what goes on the wire.
+
+Over the ~400-line guide on purpose: a flat reference of OpenAI's wire shapes, one model or
+builder per shape, read by looking a shape up rather than top to bottom.
 """
 
 from __future__ import annotations

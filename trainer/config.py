@@ -23,6 +23,9 @@ Layout of `trainer.toml` (see `trainer.toml.example` and docs/trainer.md)::
 
     [adapters.house-style.train]
     epochs = 1
+
+Over the ~400-line guide on purpose: every section of `trainer.toml` with its documented fields
+(the field docstrings are the configuration's reference) and the one loader.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ tensors. ``method = "full"``: the target matrices train in full on the F32 copy 
 alternative; it needs a second FP32 model and an SVD).
 
 Loss: only assistant tokens (and their end-of-turn token) are targets; see :mod:`trainer.packing`.
+
+Over the ~400-line guide on purpose: the training run as one loop (windows, steps, schedule,
+checkpoints and resume, writing the adapter), which reads best in one piece.
 """
 
 from __future__ import annotations

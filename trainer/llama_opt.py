@@ -32,6 +32,10 @@ Facts about llama-cpp-python 0.3.36 (and the llama.cpp it vendors) that this mod
   after every step for callbacks, learning-rate changes and a cooperative stop;
 - ``llama_opt_epoch`` does not set the CPU backend's thread count (``llama_decode`` does), so
   a one-token warm-up decode runs first, as ``llama-finetune``'s common init does.
+
+Over the ~400-line guide on purpose: it is the whole ctypes surface of llama.cpp's training API
+(the import contract allows ctypes only in binding modules), kept in one place so the ctypes
+signatures and the C structs they describe are read side by side.
 """
 
 from __future__ import annotations
