@@ -153,34 +153,31 @@ class TrainSettings:
         out: list[str] = []
         if self.n_ctx < 256 or self.n_ctx % 256:
             out.append(f"n_ctx must be a positive multiple of 256 (llama.cpp pads to 256), got {self.n_ctx}")
-        if self.schedule not in SCHEDULES:
-            out.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.epochs < 1:
-            out.append(f"epochs must be >= 1, got {self.epochs}")
+        for name, allowed in _TRAIN_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                out.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name, least in _TRAIN_AT_LEAST.items():
+            value = getattr(self, name)
+            if value is not None and value < least:
+                out.append(f"{name} must be >= {least}, got {value}")
         if not self.lr > 0:
             out.append(f"lr must be > 0, got {self.lr}")
-        if self.optimizer not in OPTIMIZERS:
-            out.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not self.alpha > 0:
+            out.append(f"alpha must be > 0, got {self.alpha}")
         if not 0.0 < self.val_fraction < 1.0:
             out.append(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         if not self.targets:
             out.append("targets must name at least one tensor kind, e.g. attn_q")
-        if self.method not in METHODS:
-            out.append(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.rank < 1:
-            out.append(f"rank must be >= 1, got {self.rank}")
-        if not self.alpha > 0:
-            out.append(f"alpha must be > 0, got {self.alpha}")
-        if self.windows not in WINDOWS:
-            out.append(f"windows must be one of {', '.join(WINDOWS)}, got {self.windows!r}")
-        for name in ("checkpoint_every", "warmup_steps", "top_layers"):
-            if getattr(self, name) < 0:
-                out.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        for cap in ("max_items", "max_val_items"):
-            value = getattr(self, cap)
-            if value is not None and value < 1:
-                out.append(f"{cap} must be >= 1, got {value}")
         return out
+
+
+_TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS, "windows": WINDOWS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+}  # fmt: skip
+_TRAIN_AT_LEAST: dict[str, int] = {
+    "epochs": 1, "rank": 1, "max_items": 1, "max_val_items": 1,  # None (no cap) is allowed for the caps
+    "checkpoint_every": 0, "warmup_steps": 0, "top_layers": 0,
+}  # fmt: skip
 
 
 @dataclass(frozen=True, config=SECTION)
