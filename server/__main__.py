@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> dict[str, object]:
     return {k: v for k, v in args.items() if v is not None}
 
 
+KEEP_ALIVE_S = 75
+
+
 def main(argv: list[str] | None = None) -> None:
     overrides = parse_args(argv)
     level = str(overrides.pop("log_level"))
@@ -40,8 +43,12 @@ def main(argv: list[str] | None = None) -> None:
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal so the default
     # action would end the process with -15. A drained, clean stop is a success: exit 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Keep-alive above the clients' idle expiry (httpx and the OpenAI client: 5 s), so a client
+    # always drops an idle connection before the server closes it. At uvicorn's default (also 5 s)
+    # the two race: a request sent on a connection just as the server closes it fails with a
+    # ReadError (seen twice in tests/test_adversarial.py's 10,000-request flood). 75 s is nginx's.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=level,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=30, timeout_keep_alive=KEEP_ALIVE_S)
 
 
 if __name__ == "__main__":
