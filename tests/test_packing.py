@@ -115,3 +115,55 @@ def test_each_packed_item_is_its_own_sequence() -> None:
 def test_a_plain_text_item_trains_on_every_token() -> None:
     conv = tokenize_example(CharVocab(), ChatTemplate(None), Chat("abc<|im_end|>", None))
     assert conv.ids == [1000 + ord("a"), 1000 + ord("b"), 1000 + ord("c"), EOT] and all(conv.mask)
+
+
+class WordVocab(CharVocab):
+    """One id per word (and one per newline), so lines and their first words are easy to name."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        import re
+
+        out = []
+        for w in re.findall(r"<\|im_end\|>|\n|[^ \n]+ ?", text):
+            if parse_special and w == "<|im_end|>":
+                out.append(EOT)
+            else:
+                out.append(self.ids.setdefault(w, 1000 + len(self.ids)))
+        return out
+
+    def piece(self, token: int) -> str:
+        return "<|im_end|>" if token == EOT else {v: k for k, v in self.ids.items()}[token]
+
+
+def test_repeat_negatives_mark_the_earlier_lines_token_where_a_line_moves_on() -> None:
+    """Unlikelihood targets: where a numbered line first differs from an earlier line of the same
+    answer, the earlier line's token is a negative at that position; numbering does not count."""
+    from trainer.packing import repeat_negatives
+
+    vocab = WordVocab()
+    answer = "Why:\n1. Boring tech wins.\n2. Boring code ships.\n3. Hire slowly.\n"
+    msgs = [{"role": "user", "content": "Boring tech?"}, {"role": "assistant", "content": answer}]
+    conv = tokenize_example(vocab, ChatTemplate(None), Chat("", tuple(msgs)))
+    negs = repeat_negatives(conv, vocab.piece)
+    named = {(vocab.piece(conv.ids[p + 1]), vocab.piece(t)) for p, t in negs}  # (true next token, negative)
+    # line 2 shares "Boring " with line 1 and moves on at "code ": "tech " is the negative there
+    assert ("code ", "tech ") in named
+    # line 3 differs from lines 1 and 2 at its first content word, and from "Why:" too
+    assert {("Hire ", "Boring "), ("Hire ", "Why:")} <= named
+    # every negative sits at a trained position, and is never the true next token
+    for p, t in negs:
+        assert conv.mask[p + 1] and conv.ids[p + 1] != t
+    # nothing is taken from the user's question, and the numbers "2. "/"3. " are not compared
+    assert not any(neg in ("1. ", "2. ") for _, neg in named)
+    # packing carries them into the window at the item's offset there
+    first = tokenize_example(vocab, ChatTemplate(None), Chat("", ({"role": "user", "content": "x"},
+                                                                   {"role": "assistant", "content": "y"})))
+    packing = pack([first, conv], 256, pad_id=0, negatives=[[], negs])
+    (window,) = packing.windows
+    offset = len(first.ids)
+    assert window.negatives == tuple((p + offset, t) for p, t in negs)
+    assert packing.negatives == len(negs) > 0
+    assert all(window.labels[p] >= 0 for p, _ in window.negatives)

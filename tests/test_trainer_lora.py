@@ -121,6 +121,64 @@ def test_a_packed_window_trains_each_item_as_it_is_served(tiny_f32: Path, tmp_pa
     assert abs(as_one_sequence - expected) > 10 * abs(packed - expected), (packed, expected, as_one_sequence)
 
 
+def test_an_unlikelihood_target_adds_minus_w_log_one_minus_p_to_the_loss(tiny_f32: Path, tmp_path: Path) -> None:
+    """``[train] unlikelihood``: with B = 0 (the base model) the loss a step reports is the mean
+    over labelled positions of the cross-entropy plus ``-w * log(1 - p(negative))`` for each
+    negative, p computed independently from llama.cpp logits. Before
+    patches/llama-cpp-python-0.3.36-unlikelihood.patch there was no ``llama_opt_set_negatives``
+    and a negative label value was read as a (negative) cross-entropy weight."""
+    init = initial_lora(tiny_f32, ("attn_q", "ffn_down"), 4, 8.0, 0, tmp_path / "init.gguf", architecture="llama")
+    window = _window(256, seed=3)
+    rng = np.random.default_rng(4)
+    labelled = sorted(rng.choice(np.arange(10, 250), size=40, replace=False).tolist())
+    labels = [t if j in labelled else IGNORE_INDEX for j, t in enumerate(window[1:])]
+    negatives = [(p, int(t)) for p, t in zip(labelled[::2], rng.integers(10, 2048, size=20)) if t != window[p + 1]]
+    w = 2000.0  # random-model probabilities are ~1/2048: a large weight makes the term visible
+    with InferenceSession(tiny_f32, n_ctx=256, threads=THREADS) as inf:
+        ce = float(inf.window_nll(window)[labelled].sum())
+        ul = 0.0
+        for p, t in negatives:
+            probe = list(window)
+            probe[p + 1] = t  # position p's logits do not depend on token p + 1
+            ul += -w * float(np.log1p(-np.exp(-inf.window_nll(probe)[p])))
+    with TrainSession(tiny_f32, n_ctx=256, threads=THREADS, optimizer="sgd", lr=1e-9, lora=init) as s:  # ~no update
+        plain = s.step(window[:-1], labels)
+        with_ul = s.step(window[:-1], labels, negatives=negatives, unlikelihood=w)
+    assert plain == pytest.approx(ce / len(labelled), rel=2e-3)
+    assert with_ul == pytest.approx((ce + ul) / len(labelled), rel=2e-3), (with_ul, plain, ul)
+    assert with_ul - plain > 20 * abs(with_ul - (ce + ul) / len(labelled))  # the test can tell them apart
+
+
+def test_unlikelihood_pushes_the_negative_token_down_where_it_is_marked(tiny_f32: Path, tmp_path: Path) -> None:
+    """After token A the answer goes on with N or with M, at random. The same 30 AdamW steps from
+    the same init, with and without N marked as a negative (weight 3) where the answer goes on
+    with M: cross-entropy alone already makes N less likely there as it memorises the window;
+    with the unlikelihood term N must end far less likely still, the answer still learnt."""
+    init = initial_lora(tiny_f32, ("attn_q", "ffn_down"), 4, 8.0, 0, tmp_path / "init.gguf", architecture="llama")
+    A, N, M = 100, 200, 300
+    rng = np.random.default_rng(7)
+    window = _window(128, seed=8)[:128]
+    while len(window) < 257:
+        window += [A, int(rng.choice([N, M]))]
+    window = window[:257]
+    labels = [t if j >= 127 else IGNORE_INDEX for j, t in enumerate(window[1:])]
+    after_m = [j for j in range(127, 256) if window[j + 1] == M]
+    negatives = [(j, N) for j in after_m]
+    probe = [N if j in after_m else IGNORE_INDEX for j in range(256)]
+    result = {}
+    for w in (0.0, 3.0):
+        with TrainSession(tiny_f32, n_ctx=256, threads=THREADS, optimizer="adamw", lr=1e-2, lora=init) as s:
+            for _ in range(30):
+                s.step(window[:-1], labels, negatives=negatives, unlikelihood=w)
+            s.set_lr(1e-12)
+            answer = s.step(window[:-1], labels)  # mean NLL of the answer, ~no update
+            neg_nll = s.step(window[:-1], probe)  # mean -log p(N) where the answer goes on with M
+            result[w] = (answer, neg_nll)
+    (answer0, neg0), (answer3, neg3) = result[0.0], result[3.0]
+    assert neg3 > neg0 + 1.0, result  # measured: 1.34 without, 3.15 with (p(N) 6x lower)
+    assert answer3 < answer0 + 0.3, result
+
+
 def _answer_loss(model: Path, adapter: Path | None, windows: list[tuple[list[int], list[int]]]) -> float:
     with InferenceSession(model, n_ctx=256, threads=THREADS, adapter=adapter) as inf:
         tot, n = 0.0, 0

@@ -131,6 +131,10 @@ class TrainSettings:
     """`packed`: items packed whole, one sequence each, loss on assistant tokens only. `stream`:
     the trainer before session 4, kept to benchmark against: every item's tokens concatenated and
     cut into windows across item boundaries, every token a target."""
+    unlikelihood: Float = 0.0
+    """Weight w of the unlikelihood term against repeated lines (0: off): where an answer's line
+    departs from an earlier line of the same answer, the loss adds ``-w * log(1 - p)`` for the
+    earlier line's token (Welleck et al. 2019). Method `lora` or `full`, CPU backend."""
     lr: Float = 1e-3
     optimizer: Str = "adamw"
     weight_decay: Float = 0.0
@@ -162,6 +166,10 @@ class TrainSettings:
                 out.append(f"{name} must be >= {least}, got {value}")
         if not self.lr > 0:
             out.append(f"lr must be > 0, got {self.lr}")
+        if not self.unlikelihood >= 0:
+            out.append(f"unlikelihood must be >= 0, got {self.unlikelihood}")
+        if self.unlikelihood > 0 and self.windows != "packed":
+            out.append("unlikelihood needs windows = \"packed\" (its targets are found per answer)")
         if not self.alpha > 0:
             out.append(f"alpha must be > 0, got {self.alpha}")
         if not 0.0 < self.val_fraction < 1.0:

@@ -44,7 +44,7 @@ from adapter_chat.gguf_info import sha256_file
 from adapter_chat.registry import write_lora_gguf
 from trainer.config import SECTION, Bool, Int, TrainSettings
 from trainer.llama_opt import TrainSession
-from trainer.packing import Example, Packing, Window, pack, tokenize_example
+from trainer.packing import Example, Packing, Window, pack, repeat_negatives, tokenize_example
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -416,12 +416,17 @@ def train(
     with VocabOnly(cfg.base_model) as vocab:
         convs = [tokenize_example(vocab, template, ex) for ex in examples]
         pad_id = vocab.eos
-    packing = pack(convs, cfg.n_ctx, pad_id) if cfg.windows == "packed" else _stream(convs, cfg.n_ctx)
+        negatives = [repeat_negatives(c, vocab.piece) for c in convs] if cfg.unlikelihood > 0 else None
+    if cfg.windows == "packed":
+        packing = pack(convs, cfg.n_ctx, pad_id, negatives=negatives)
+    else:
+        packing = _stream(convs, cfg.n_ctx)
     if not packing.windows:
         raise ValueError("no training window: no example has an assistant token to learn")
     wh = hashlib.sha256()
     for w in packing.windows:
         wh.update(np.asarray(w.inputs + w.labels + w.seq_ids, dtype=np.int32).tobytes())
+        wh.update(np.asarray(w.negatives, dtype=np.int32).tobytes())
     key = _run_key(cfg, sha, packing, wh.hexdigest())
     start_step, resume_note = (0, "")
     if ckpt is not None:
@@ -467,7 +472,7 @@ def train(
                 lr = cfg.lr_at(step, total)
                 sess.set_lr(lr)
                 w = packing.windows[i]
-                loss = sess.step(w.inputs, w.labels, w.seq_ids)
+                loss = sess.step(w.inputs, w.labels, w.seq_ids, w.negatives, cfg.unlikelihood)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {step + 1}; lower lr (now {lr:g})")
                 step += 1

@@ -26,6 +26,8 @@ Facts about llama-cpp-python 0.3.36 (and the llama.cpp it vendors) that this mod
   loss, no gradient) with the exact cross-entropy gradient for it, ``llama_opt_init`` offers
   the context's LoRA tensors to the parameter filter, and ``llama_opt_set_seq_ids`` makes each
   item packed into a window its own sequence (no attention across items, positions from 0);
+  a sixth adds unlikelihood targets (``llama_opt_set_negatives``: the loss adds
+  ``-w * log(1 - p(token))`` at chosen positions);
 - ``n_ubatch`` must equal ``n_ctx`` or the K and V projections get no gradient, and llama.cpp
   pads ``n_ctx`` to a multiple of 256, so training windows are multiples of 256 tokens;
 - one ``llama_opt_epoch`` call per window (a one-datapoint dataset): Python regains control
@@ -170,6 +172,9 @@ _opt_init = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, LlamaOptPar
 _opt_set_seq_ids = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)(
     ("llama_opt_set_seq_ids", llc._lib)
 )
+_opt_set_negatives = ctypes.CFUNCTYPE(
+    None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_float
+)(("llama_opt_set_negatives", llc._lib))
 _opt_epoch = ctypes.CFUNCTYPE(
     None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
 )(("llama_opt_epoch", llc._lib))
@@ -247,6 +252,10 @@ class VocabOnly:
 
     def is_eog(self, token: int) -> bool:
         return self._vocab.is_eog(token)
+
+    def piece(self, token: int) -> str:
+        """The text of one token (special tokens as written), for ``packing.repeat_negatives``."""
+        return _piece(self._vocab.vocab, token).decode("utf-8", "replace")
 
     def close(self) -> None:
         if getattr(self, "model", None):
@@ -457,14 +466,21 @@ class TrainSession:
             self._opt_pars.adamw_wd = self._opt_pars.sgd_wd = weight_decay
 
     def step(
-        self, inputs: Sequence[int], labels: Sequence[int] | None = None, seq_ids: Sequence[int] | None = None
+        self,
+        inputs: Sequence[int],
+        labels: Sequence[int] | None = None,
+        seq_ids: Sequence[int] | None = None,
+        negatives: Sequence[tuple[int, int]] = (),
+        unlikelihood: float = 0.0,
     ) -> float:
         """One optimizer step on one window; returns the mean cross-entropy of the labelled
         positions. ``labels=None``: ``inputs`` holds ``n_ctx + 1`` tokens and every next token
         is a label (the unmasked case). ``seq_ids`` (one per position, non-decreasing, below
         ``MAX_PACKED_SEQS``): each run of equal ids is its own sequence, from position 0, that
         attends only to itself, as a conversation does when served; ``None``: the window is one
-        sequence.
+        sequence. ``negatives`` ((position, token) pairs at labelled positions) with
+        ``unlikelihood`` = w > 0: the loss also adds ``-w * log(1 - p(token))`` at each (Welleck et
+        al.'s unlikelihood; the returned loss then includes those terms).
 
         llama.cpp's loss (and so its gradient) is the sum over labelled positions divided by
         ``n_ctx``. For SGD the step's learning rate is scaled by ``n_ctx / labelled`` so that an
@@ -497,6 +513,16 @@ class TrainSession:
             if seq.min() < 0 or seq.max() >= MAX_PACKED_SEQS or (np.diff(seq) < 0).any():
                 raise ValueError(f"seq_ids must be non-decreasing ids in [0, {MAX_PACKED_SEQS})")
             _opt_set_seq_ids(self._h.ctx, seq.ctypes.data, self.n_ctx)
+        if unlikelihood < 0:
+            raise ValueError(f"unlikelihood must be >= 0, got {unlikelihood}")
+        if negatives and unlikelihood > 0:
+            neg = np.asarray(negatives, dtype=np.int32).reshape(-1, 2)
+            if neg[:, 0].min() < 0 or neg[:, 0].max() >= self.n_ctx or neg[:, 1].min() < 0 or neg[:, 1].max() >= self.n_vocab:
+                raise ValueError("a negative's position or token is out of range")
+            pos, tok = np.ascontiguousarray(neg[:, 0]), np.ascontiguousarray(neg[:, 1])
+            _opt_set_negatives(self._h.ctx, pos.ctypes.data, tok.ctypes.data, len(neg), unlikelihood)
+        else:
+            _opt_set_negatives(self._h.ctx, None, None, 0, 0.0)
         n = self.n_ctx * 4
         ctypes.memmove(self._data, x.ctypes.data, n)
         ctypes.memmove(self._labels, y.ctypes.data, n)
