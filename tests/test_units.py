@@ -367,3 +367,15 @@ def test_the_trainer_config_checks_toml_types_strictly_and_train_settings_once(t
     with pytest.raises(ValueError) as run_err:
         TrainConfig.from_settings(bad, base_model=Path("m.gguf"), cache_dir=Path("c"), threads=1)
     assert all(p in str(run_err.value) for p in bad.problems()) and len(bad.problems()) == 2
+
+
+def test_unlikelihood_must_be_a_non_negative_weight_on_packed_windows() -> None:
+    """`[train] unlikelihood` finds its targets per answer, so stream windows (cut across items)
+    cannot take it, and a negative weight would reward repetition: both are refused by name."""
+    from trainer.config import TrainSettings
+
+    assert TrainSettings(unlikelihood=1.0).problems() == []
+    assert TrainSettings(unlikelihood=-0.5).problems() == ["unlikelihood must be >= 0, got -0.5"]
+    (problem,) = TrainSettings(unlikelihood=1.0, windows="stream").problems()
+    assert problem.startswith("unlikelihood needs windows = \"packed\"")
+    assert TrainSettings(windows="stream").problems() == []
