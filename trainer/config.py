@@ -166,8 +166,6 @@ class TrainSettings:
                 out.append(f"{name} must be >= {least}, got {value}")
         if not self.lr > 0:
             out.append(f"lr must be > 0, got {self.lr}")
-        if not self.unlikelihood >= 0:
-            out.append(f"unlikelihood must be >= 0, got {self.unlikelihood}")
         if self.unlikelihood > 0 and self.windows != "packed":
             out.append("unlikelihood needs windows = \"packed\" (its targets are found per answer)")
         if not self.alpha > 0:
@@ -182,9 +180,9 @@ class TrainSettings:
 _TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS, "windows": WINDOWS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
 }  # fmt: skip
-_TRAIN_AT_LEAST: dict[str, int] = {
+_TRAIN_AT_LEAST: dict[str, float] = {
     "epochs": 1, "rank": 1, "max_items": 1, "max_val_items": 1,  # None (no cap) is allowed for the caps
-    "checkpoint_every": 0, "warmup_steps": 0, "top_layers": 0,
+    "checkpoint_every": 0, "warmup_steps": 0, "top_layers": 0, "unlikelihood": 0,
 }  # fmt: skip
 
 
