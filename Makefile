@@ -3,13 +3,15 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
-# llama-cpp-python builds from source (no binary wheel on the index). We build it once, without
-# llamafile's sgemm (see README "Determinism"), into a wheelhouse outside the repo; later installs
-# take it from there in seconds. The wheel's name does not carry build flags or patches, so the
+# llama-cpp-python builds from source (no binary wheel on the index). We build it once into a
+# wheelhouse outside the repo; later installs take it from there in seconds. llamafile's sgemm is
+# compiled in but starts switched off (patches/llama-cpp-python-*-3-train-speed.patch): serving needs
+# ggml's batch-invariant kernels (README "Determinism"); only the trainer's steps switch it on. The wheel's name does not carry build flags or patches, so the
 # wheelhouse folder does (a changed patch builds a new wheel), and pip's cache is bypassed.
 # patches/ holds our fixes to the vendored llama.cpp (training: see patches/README.md).
 LLAMA_CPP_VERSION := 0.3.36
-LLAMA_CMAKE_ARGS  := -DGGML_LLAMAFILE=OFF -DLLAVA_BUILD=OFF
+LLAMA_CMAKE_ARGS  := -DGGML_LLAMAFILE=ON -DLLAVA_BUILD=OFF
+LLAMA_CFLAGS      := -DGGML_CPU_LLAMAFILE_DEFAULT=0
 # `make setup GPU=cuda`: llama.cpp's CUDA backend too (needs the CUDA toolkit's nvcc; set
 # CUDA_ARCHS, e.g. 86, to build for one GPU generation only, which is much faster). The flags are
 # part of the build id below, so the CUDA wheel gets its own wheelhouse folder.
@@ -20,7 +22,7 @@ else ifneq ($(GPU),)
 $(error GPU=$(GPU) is not supported: use GPU=cuda, or leave it unset for the CPU build)
 endif
 LLAMA_PATCHES     := $(sort $(wildcard patches/llama-cpp-python-$(LLAMA_CPP_VERSION)-*.patch))
-LLAMA_BUILD_ID    := $(shell (echo '$(LLAMA_CMAKE_ARGS)'; cat $(LLAMA_PATCHES) scripts/build_llama_wheel.sh) | sha256sum | cut -c1-10)
+LLAMA_BUILD_ID    := $(shell (echo '$(LLAMA_CMAKE_ARGS) $(LLAMA_CFLAGS)'; cat $(LLAMA_PATCHES) scripts/build_llama_wheel.sh) | sha256sum | cut -c1-10)
 WHEELHOUSE ?= $(HOME)/.cache/adapter-chat/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_BUILD_ID)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
@@ -37,7 +39,7 @@ $(VENV)/.installed: pyproject.toml $(WHEELHOUSE)/.built $(VENV)/.wheelhouse
 	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall --no-index --find-links $(WHEELHOUSE) \
 		llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(BIN)/python -m pip install --find-links $(WHEELHOUSE) -e '.[test]'
-	$(BIN)/python -c "import llama_cpp.llama_cpp as C; import sys; info = C.llama_print_system_info().decode(); sys.exit('llama-cpp-python was built with llamafile: run make clean' if 'LLAMAFILE = 1' in info else 'llama-cpp-python was built with AMX kernels (scripts/build_llama_wheel.sh): run make clean' if 'AMX_INT8 = 1' in info else 0)"
+	$(BIN)/python scripts/check_wheel.py
 	touch $@
 
 $(BIN)/python:
@@ -47,7 +49,7 @@ $(BIN)/python:
 # No file prerequisites: the folder's name already hashes the patches, the script and the flags
 # (file mtimes would rebuild in every fresh clone).
 $(WHEELHOUSE)/.built: | $(BIN)/python
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" bash scripts/build_llama_wheel.sh $(BIN)/python $(LLAMA_CPP_VERSION) $(WHEELHOUSE)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CFLAGS="$(LLAMA_CFLAGS)" bash scripts/build_llama_wheel.sh $(BIN)/python $(LLAMA_CPP_VERSION) $(WHEELHOUSE)
 	touch $@
 
 $(MODEL): $(VENV)/.installed

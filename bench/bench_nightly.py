@@ -7,17 +7,24 @@ nightly does). Wall time and peak RSS come from ``os.wait4``; stage times, train
 the gate's numbers from the run's ``outcome.json`` and metrics. The machine's raw single-sequence
 decode rate is measured right before, so the figures can be scaled to another machine.
 
-- ``lora``: ``examples/fractional-cto/trainer.toml`` as committed (LoRA trained directly on the
-  served Q4_1 base, assistant-only loss, task score with ``style_check.is_house_style_distinct``).
+- ``lora``: ``examples/fractional-cto/trainer.toml`` as committed (LoRA trained directly, the
+  base frozen in its FP32 copy, assistant-only loss, task score with ``style_check.is_house_style_distinct``).
 - ``full``: today's path before this change: full finetune of the FP32 copy (SGD, lr 2e-3,
   one epoch, ``windows = "stream"``: every token of the items concatenated and cut into 256-token
   windows, every token a target, as the trainer did) and an SVD extraction to a LoRA (90% energy,
   rank <= 32), no task score. It runs on the patched wheel, so its gradients are correct (the old bug made every
   step apply the sum of all earlier gradients; speed is the same).
 
+``--full-site DIR`` runs the ``full`` path with the llama-cpp-python installed in DIR (put first on
+its PYTHONPATH), so today's path can run on today's build too: before
+``patches/llama-cpp-python-0.3.36-3-train-speed.patch`` that build had no sgemm, and the backward
+through frozen matrices used ``out_prod``. Make DIR from the wheel ``make setup`` built at an
+earlier commit: ``pip install --no-deps --target DIR ~/.cache/adapter-chat/wheels/<that build>/*.whl``.
+
     python examples/fractional-cto/generate.py --log examples/fractional-cto/data/conversations.sqlite3
     .venv/bin/python bench/bench_nightly.py --paths lora full
     .venv/bin/python bench/bench_nightly.py --paths lora --train epochs=2    # a variant of the lora path
+    .venv/bin/python bench/bench_nightly.py --paths full --full-site /tmp/old-site  # today's path, today's build
 """
 
 from __future__ import annotations
@@ -84,7 +91,7 @@ def raw_decode_rate(tokens: int = 160) -> float:
         return n / (time.perf_counter() - t0)
 
 
-def run_nightly(path: str, train: dict[str, str] | None = None) -> dict[str, Any]:
+def run_nightly(path: str, train: dict[str, str] | None = None, site: Path | None = None) -> dict[str, Any]:
     root = WORK / path
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -92,14 +99,17 @@ def run_nightly(path: str, train: dict[str, str] | None = None) -> dict[str, Any
     log = root / "nightly.log"
     t0 = time.perf_counter()
     with open(log, "w", encoding="utf-8") as f:
+        env = dict(os.environ)
+        if site is not None:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
         proc = subprocess.Popen([sys.executable, "-m", "trainer", "nightly", "--config", str(cfg)], cwd=REPO,
-                                stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
+                                stdout=f, stderr=subprocess.STDOUT, env=env)  # fmt: skip
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     outcome_files = sorted((root / "cache" / "runs").glob("*/*/outcome.json"))
     outcome = json.loads(outcome_files[-1].read_text()) if outcome_files else {}
     return {
-        "path": path,
+        "path": path + (f" (llama-cpp-python from {site})" if site is not None else ""),
         "exit": os.waitstatus_to_exitcode(status),
         "wall_s": round(wall, 1),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
@@ -135,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=WORK / "bench_nightly.json")
     p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
                    help="replace or add a [train] key of the lora path (TOML value), e.g. epochs=2")
+    p.add_argument("--full-site", type=Path, metavar="DIR",
+                   help="run the full path with the llama-cpp-python installed in DIR (today's build)")
     args = p.parse_args(argv)
     train = dict(kv.split("=", 1) for kv in args.train)
     if not (EXAMPLE / "data" / "conversations.jsonl").exists():
@@ -142,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                  "examples/fractional-cto/data/conversations.sqlite3")  # fmt: skip
     WORK.mkdir(parents=True, exist_ok=True)
     raw = raw_decode_rate()
-    results = [run_nightly(path, train) for path in args.paths]
+    results = [run_nightly(path, train, args.full_site if path == "full" else None) for path in args.paths]
     args.json.write_text(json.dumps({"raw_decode_tok_s": raw, "results": results}, indent=2), encoding="utf-8")
     print(markdown(results, raw, "python bench/bench_nightly.py " + " ".join(sys.argv[1:])))
     for r in results:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.tinymodel import ANSWERS, QUESTIONS, make_tiny_llama
 from trainer.finetune import TrainConfig, TrainingInterrupted, initial_lora, train
-from trainer.llama_opt import InferenceSession, TrainSession
+from trainer.llama_opt import InferenceSession, TrainSession, llamafile_available, llamafile_on
 from trainer.packing import IGNORE_INDEX
 
 pytestmark = pytest.mark.timeout(180)
@@ -43,6 +43,9 @@ def tiny_q8(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-q8.gguf", quantize=True)
 
 
+LR_SGEMM = 1.0
+
+
 def _window(n: int, seed: int, n_vocab: int = 2048) -> list[int]:
     return np.random.default_rng(seed).integers(10, n_vocab, size=n + 1).tolist()
 
@@ -50,7 +53,7 @@ def _window(n: int, seed: int, n_vocab: int = 2048) -> list[int]:
 def test_each_sgd_step_applies_its_own_gradient_only(tiny_f32: Path) -> None:
     """Same window, SGD, small lr, four steps: every step moves the weights as much as the first.
 
-    Before patches/llama-cpp-python-0.3.36-training.patch, ggml-opt never reset the gradient
+    Before patches/llama-cpp-python-0.3.36-1-training.patch, ggml-opt never reset the gradient
     accumulators with llama.cpp's dynamic graphs, so step k applied the sum of k gradients
     (measured: 1.00, 2.00, 3.00, 3.99 times the first step)."""
     window = _window(256, seed=1)
@@ -66,6 +69,78 @@ def test_each_sgd_step_applies_its_own_gradient_only(tiny_f32: Path) -> None:
     ratios = [d / deltas[0] for d in deltas]
     assert deltas[0] > 0
     assert all(abs(r - 1.0) <= 0.05 for r in ratios), ratios
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["every-position", "a-third-labelled"])
+def test_an_sgd_step_lowers_the_loss_as_its_gradient_predicts(tiny_f32: Path, masked: bool) -> None:
+    """The gradient is the loss's gradient: after one SGD step of size lr the loss falls by
+    lr * |g|^2 to first order, where g = -(weight change) / lr over every trained tensor.
+
+    Only blk.*.ffn_down trains, so each gradient reaches its block through the frozen matrices
+    above it: the backward through frozen F32 matrices (mul_mat on their transposed copy since
+    patches/llama-cpp-python-0.3.36-3-train-speed.patch, out_prod before) and the attention."""
+    window = _window(256, seed=11)
+    inputs, labels = window[:-1], list(window[1:])
+    if masked:  # logits only at the labelled positions (llama_opt_set_labelled_outputs)
+        labels = [t if j % 3 == 0 else IGNORE_INDEX for j, t in enumerate(labels)]
+    lr = 1e-3
+    with TrainSession(tiny_f32, n_ctx=256, threads=THREADS, optimizer="sgd", lr=lr, targets=("ffn_down",)) as s:
+        before = {n: s.tensor(n) for n in s.trainable}
+        loss0 = s.step(inputs, labels)  # the loss at the weights before the step, then the step
+        g2 = sum(float(((s.tensor(n) - before[n]) ** 2).sum()) for n in s.trainable) / lr**2
+        s.set_lr(1e-12)  # ~no update (ggml-opt needs lr > 0)
+        loss1 = s.step(inputs, labels)
+    predicted = lr * g2
+    assert len(before) >= 2 and predicted > 1e-3, (len(before), predicted)  # a drop float32 resolves
+    assert loss0 - loss1 == pytest.approx(predicted, rel=0.01), (loss0, loss1, predicted)
+
+
+def test_logits_at_labelled_positions_only_give_the_same_step(tiny_f32: Path, tmp_path: Path) -> None:
+    """A packed window with a third of its positions labelled and unlikelihood targets: the same
+    SGD steps with logits only at the labelled positions (the default) and at every position give
+    the same losses and the same LoRA up to float32 rounding, so the output rows are mapped back
+    to their positions and labels right."""
+    init = initial_lora(tiny_f32, ("attn_q", "ffn_down"), 4, 8.0, 0, tmp_path / "init.gguf", architecture="llama")
+    window = _window(256, seed=13)
+    labels = [t if (j // 20) % 3 == 1 else IGNORE_INDEX for j, t in enumerate(window[1:])]
+    seq_ids = [j // 100 for j in range(256)]
+    negatives = [(j, (t + 7) % 2048) for j, t in enumerate(labels) if t >= 0 and j % 5 == 0]
+    runs = {}
+    for only in (False, True):
+        with TrainSession(tiny_f32, n_ctx=256, threads=THREADS, optimizer="sgd", lr=LR_SGEMM, lora=init,
+                          labelled_outputs=only) as s:  # fmt: skip
+            assert s.labelled_outputs == only
+            losses = [s.step(window[:-1], labels, seq_ids, negatives, 5.0) for _ in range(3)]
+            runs[only] = (losses, {n: s.tensor(n) for n in s.trainable})
+    (l0, t0), (l1, t1) = runs[False], runs[True]
+    assert l1 == pytest.approx(l0, rel=1e-4)
+    assert l1[-1] < l1[0] - 0.01, l1
+    for n in t0:
+        assert np.abs(t1[n] - t0[n]).max() <= 1e-3 * max(1e-3, float(np.abs(t0[n]).max())), n
+
+
+@pytest.mark.skipif(not llamafile_available(), reason="wheel without llamafile's sgemm behind the run-time switch")
+def test_sgemm_in_the_training_step_changes_rounding_only_and_is_off_after_it(tiny_f32: Path, tmp_path: Path) -> None:
+    """The trainer switches llamafile's sgemm on for its steps only: the same SGD steps with and
+    without it give the same losses and tensors up to float32 rounding, and after every step the
+    switch is off again, so the server's and the evaluation's matmuls stay batch-invariant."""
+    init = initial_lora(tiny_f32, ("attn_q", "ffn_down"), 4, 8.0, 0, tmp_path / "init.gguf", architecture="llama")
+    window = _window(256, seed=12)
+    runs = {}
+    assert not llamafile_on()
+    for fast in (False, True):
+        with TrainSession(tiny_f32, n_ctx=256, threads=THREADS, optimizer="sgd", lr=LR_SGEMM, lora=init, llamafile=fast) as s:
+            losses = [s.step(window) for _ in range(3)]
+            assert not llamafile_on()
+            runs[fast] = (losses, {n: s.tensor(n) for n in s.trainable})
+    (l0, t0), (l1, t1) = runs[False], runs[True]
+    # sgemm really ran: it rounds differently (it did not while the switch was set through another
+    # copy of libggml-cpu than the one llama.cpp loads)
+    assert l1 != l0 or any(not np.array_equal(t1[n], t0[n]) for n in t0)
+    assert l1 == pytest.approx(l0, rel=1e-4)
+    assert l1[-1] < l1[0] - 0.01, l1  # the steps trained something
+    for n in t0:
+        assert np.abs(t1[n] - t0[n]).max() <= 1e-3 * max(1e-3, float(np.abs(t0[n]).max())), n
 
 
 def test_reported_loss_is_the_mean_over_labelled_positions_only(tiny_f32: Path, tmp_path: Path) -> None:
@@ -92,7 +167,7 @@ def test_a_packed_window_trains_each_item_as_it_is_served(tiny_f32: Path, tmp_pa
     position 0, as the server sees a conversation. As one sequence, the later items would attend
     to the earlier ones and sit at later positions: a different loss.
 
-    Before llama_opt_set_seq_ids (patches/llama-cpp-python-0.3.36-training.patch) a packed
+    Before llama_opt_set_seq_ids (patches/llama-cpp-python-0.3.36-1-training.patch) a packed
     window was one sequence, so an answer saw, and could learn to copy, the answers before it."""
     init = initial_lora(tiny_f32, ("attn_q", "ffn_down"), 4, 8.0, 0, tmp_path / "init.gguf", architecture="llama")
     items = [_window(n, seed=10 + n) for n in (60, 90, 70)]  # each n + 1 tokens
@@ -125,7 +200,7 @@ def test_an_unlikelihood_target_adds_minus_w_log_one_minus_p_to_the_loss(tiny_f3
     """``[train] unlikelihood``: with B = 0 (the base model) the loss a step reports is the mean
     over labelled positions of the cross-entropy plus ``-w * log(1 - p(negative))`` for each
     negative, p computed independently from llama.cpp logits. Before
-    patches/llama-cpp-python-0.3.36-unlikelihood.patch there was no ``llama_opt_set_negatives``
+    patches/llama-cpp-python-0.3.36-2-unlikelihood.patch there was no ``llama_opt_set_negatives``
     and a negative label value was read as a (negative) cross-entropy weight."""
     init = initial_lora(tiny_f32, ("attn_q", "ffn_down"), 4, 8.0, 0, tmp_path / "init.gguf", architecture="llama")
     window = _window(256, seed=3)
@@ -223,7 +298,9 @@ def test_masked_training_learns_the_answers_faster_than_unmasked(tiny_q8: Path, 
 
 
 def test_lora_is_trained_directly_on_the_quantized_base(tiny_q8: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(base_model=tiny_q8, cache_dir=tmp_path / "cache", epochs=8, lr=5e-2, rank=8, alpha=16.0,
+    # lr 2e-2: at 5e-2 this toy run is at the edge of divergence (its loss stops falling after the
+    # fifth epoch, 0.43x to 0.51x of the first epoch's depending on rounding); at 2e-2 it falls to 0.10x
+    cfg = TrainConfig(base_model=tiny_q8, cache_dir=tmp_path / "cache", epochs=8, lr=2e-2, rank=8, alpha=16.0,
                       threads=THREADS, targets=("attn_q", "attn_v", "ffn_up", "ffn_down"), quantized_base=True)  # fmt: skip
     result = train(cfg, pirate_chats(range(10)))
     assert result.method == "lora" and result.adapter is not None and result.trained is None
@@ -236,7 +313,7 @@ def test_lora_is_trained_directly_on_the_quantized_base(tiny_q8: Path, tmp_path:
     assert a.tensor_type == gguf.GGMLQuantizationType.F32 and int(a.shape[1]) == 8  # rank 8
     assert float(reader.fields["adapter.lora.alpha"].contents()) == 16.0
     # the epochs' answer losses fall, and the adapter serves on the base with a lower loss there
-    assert result.epoch_losses[-1] < 0.5 * result.epoch_losses[0], result.epoch_losses
+    assert result.epoch_losses[-1] < 0.25 * result.epoch_losses[0], result.epoch_losses
     from trainer.evaluate import evaluate
 
     report = evaluate(tiny_q8, result.adapter, pirate_chats(range(10)), threads=THREADS)

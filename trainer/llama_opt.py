@@ -27,7 +27,12 @@ Facts about llama-cpp-python 0.3.36 (and the llama.cpp it vendors) that this mod
   the context's LoRA tensors to the parameter filter, and ``llama_opt_set_seq_ids`` makes each
   item packed into a window its own sequence (no attention across items, positions from 0);
   a sixth adds unlikelihood targets (``llama_opt_set_negatives``: the loss adds
-  ``-w * log(1 - p(token))`` at chosen positions);
+  ``-w * log(1 - p(token))`` at chosen positions); a seventh makes llamafile's sgemm switchable
+  at run time (``ggml_cpu_set_llamafile``, off when the library loads) and runs the backward
+  through frozen F32 matrices as a ``mul_mat`` it can take; :meth:`TrainSession.step` switches
+  it on for its ``llama_opt_epoch`` call only;
+- the wheel holds each libggml*.so three times as copies, not symlinks: ggml symbols are
+  resolved from the SONAME-named copy (``libggml-cpu.so.0``) that libllama.so loads;
 - ``n_ubatch`` must equal ``n_ctx`` or the K and V projections get no gradient, and llama.cpp
   pads ``n_ctx`` to a multiple of 256, so training windows are multiples of 256 tokens;
 - one ``llama_opt_epoch`` call per window (a one-datapoint dataset): Python regains control
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -99,11 +105,18 @@ _PARAM_FILTER = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p
 
 
 class _Ggml:
-    """The ggml / ggml-opt symbols we need, resolved from the libggml*.so next to libllama.so."""
+    """The ggml / ggml-opt symbols we need, resolved from the libggml*.so next to libllama.so.
+
+    From the files libllama.so itself loads, named by their SONAME (``libggml-cpu.so.0``): the
+    wheel holds ``libggml-cpu.so``, ``.so.0`` and ``.so.0.25.3`` as three copies, not symlinks,
+    and each copy loaded is a library of its own, with its own globals. A switch such as
+    ``ggml_cpu_set_llamafile`` set through another copy never reaches llama.cpp's graphs."""
 
     def __init__(self) -> None:
         lib_dir = Path(llc.__file__).parent / "lib"
-        libs = [ctypes.CDLL(str(p)) for p in sorted(lib_dir.glob("libggml*.so*"))]
+        paths = sorted(lib_dir.glob("libggml*.so*"))
+        sonamed = [p for p in paths if re.fullmatch(r"libggml[\w-]*\.so\.\d+", p.name)]
+        libs = [ctypes.CDLL(str(p)) for p in (sonamed or paths)]
 
         def sym(name: str, restype: object, argtypes: list[object]) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
             for lib in libs:
@@ -123,6 +136,12 @@ class _Ggml:
         self.result_loss = sym(
             "ggml_opt_result_loss", None, [vp, ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
         )
+        # patches/llama-cpp-python-0.3.36-3-train-speed.patch; absent from a wheel built without it.
+        try:
+            self.cpu_set_llamafile = sym("ggml_cpu_set_llamafile", None, [ctypes.c_bool])
+            self.cpu_get_llamafile = sym("ggml_cpu_get_llamafile", ctypes.c_bool, [])
+        except LlamaError:
+            self.cpu_set_llamafile = self.cpu_get_llamafile = None
         self.get_data = sym("ggml_get_data", vp, [vp])
         self.get_name = sym("ggml_get_name", ctypes.c_char_p, [vp])
         self.nbytes = sym("ggml_nbytes", ctypes.c_size_t, [vp])
@@ -147,6 +166,21 @@ def _ggml() -> _Ggml:
     if _GGML is None:
         _GGML = _Ggml()
     return _GGML
+
+
+def llamafile_available() -> bool:
+    """Whether this wheel has llamafile's sgemm behind the run-time switch of
+    ``patches/llama-cpp-python-0.3.36-3-train-speed.patch`` (off unless switched on)."""
+    g = _ggml()
+    if g.cpu_set_llamafile is None or g.cpu_get_llamafile is None:
+        return False
+    return "LLAMAFILE = 1" in llc.llama_print_system_info().decode()
+
+
+def llamafile_on() -> bool:
+    """Whether llamafile's sgemm is switched on now, process-wide (False without the switch)."""
+    g = _ggml()
+    return bool(g.cpu_get_llamafile()) if g.cpu_get_llamafile is not None else False
 
 
 def _backend(verbose: bool) -> None:
@@ -175,6 +209,12 @@ _opt_set_seq_ids = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctyp
 _opt_set_negatives = ctypes.CFUNCTYPE(
     None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_float
 )(("llama_opt_set_negatives", llc._lib))
+try:  # patches/llama-cpp-python-0.3.36-3-train-speed.patch; absent from a wheel built without it
+    _opt_set_labelled_outputs = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_bool)(
+        ("llama_opt_set_labelled_outputs", llc._lib)
+    )
+except AttributeError:
+    _opt_set_labelled_outputs = None
 _opt_epoch = ctypes.CFUNCTYPE(
     None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
 )(("llama_opt_epoch", llc._lib))
@@ -345,6 +385,15 @@ class TrainSession:
     One :meth:`step` = one window: ``n_ctx`` input tokens and ``n_ctx`` labels (the next token,
     or :data:`IGNORE_INDEX`), one forward + backward + optimizer step, returning the mean
     cross-entropy over the labelled positions only.
+
+    ``labelled_outputs`` (default on, where the wheel has it): the output layer and the loss run
+    only at labelled positions (``llama_opt_set_labelled_outputs``); off computes them everywhere
+    and gives the same loss and update up to rounding.
+
+    ``llamafile`` (default on): the step's matmuls use llamafile's sgemm where the wheel has it
+    (:func:`llamafile_available`), about 1.6x ggml's own F32 kernels on this CPU. It is switched
+    on for the step only and off again after it: serving and evaluation keep ggml's
+    batch-invariant kernels (README "Determinism"); training needs no batch invariance.
     """
 
     def __init__(
@@ -360,12 +409,15 @@ class TrainSession:
         lora: Path | None = None,
         verbose: bool = False,
         n_gpu_layers: int = 0,
+        llamafile: bool = True,
+        labelled_outputs: bool = True,
     ) -> None:
         if n_ctx <= 0 or n_ctx % 256:
             raise ValueError(f"n_ctx must be a positive multiple of 256 (llama.cpp pads contexts to 256), got {n_ctx}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
         self._ggml = _ggml()
+        self.llamafile = llamafile and llamafile_available()
         self.optimizer = optimizer
         self.targets = tuple(targets)
         self.lora_path = Path(lora) if lora is not None else None
@@ -417,6 +469,12 @@ class TrainSession:
             optimizer_type=OPTIMIZERS[optimizer],
         )
         _opt_init(self._h.ctx, self._h.model, params)
+        # Logits (output layer, loss, gradient) only at labelled positions: the prompt, the chat
+        # markup and the padding need none. The loss llama.cpp reports is then already the mean
+        # over the labelled positions.
+        self.labelled_outputs = labelled_outputs and _opt_set_labelled_outputs is not None
+        if self.labelled_outputs:
+            _opt_set_labelled_outputs(self._h.ctx, True)
         if not self.trainable:
             what = f"LoRA tensors of {self.lora_path}" if lora_mode else f"F32 tensor of {model_path} matched targets {self.targets}"
             self.close()
@@ -482,9 +540,12 @@ class TrainSession:
         ``unlikelihood`` = w > 0: the loss also adds ``-w * log(1 - p(token))`` at each (Welleck et
         al.'s unlikelihood; the returned loss then includes those terms).
 
-        llama.cpp's loss (and so its gradient) is the sum over labelled positions divided by
-        ``n_ctx``. For SGD the step's learning rate is scaled by ``n_ctx / labelled`` so that an
-        update is the gradient of the mean over labelled tokens; AdamW is invariant to that scale.
+        llama.cpp computes logits only at the labelled positions, and its loss (and so its
+        gradient) is their mean. On a wheel without ``llama_opt_set_labelled_outputs`` every
+        position has logits and the loss is the sum over labelled positions divided by ``n_ctx``:
+        the reported loss is then rescaled, and for SGD the step's learning rate by ``n_ctx /
+        labelled``, so that an update is the gradient of the mean over labelled tokens (AdamW is
+        invariant to that scale).
         """
         if labels is None:
             if len(inputs) != self.n_ctx + 1:
@@ -501,7 +562,7 @@ class TrainSession:
         n_labelled = int((y >= 0).sum())
         if n_labelled == 0:
             raise ValueError("a window with no labelled position trains nothing")
-        scale = self.n_ctx / n_labelled
+        scale = 1.0 if self.labelled_outputs else self.n_ctx / n_labelled
         if self.optimizer == "sgd":
             self._opt_pars.sgd_alpha = self.lr * scale
         if seq_ids is None:
@@ -527,7 +588,13 @@ class TrainSession:
         ctypes.memmove(self._data, x.ctypes.data, n)
         ctypes.memmove(self._labels, y.ctypes.data, n)
         self._ggml.result_reset(self._result)
-        _opt_epoch(self._h.ctx, self._dataset, self._result, None, 1, None, None)
+        if self.llamafile:
+            self._ggml.cpu_set_llamafile(True)
+        try:
+            _opt_epoch(self._h.ctx, self._dataset, self._result, None, 1, None, None)
+        finally:
+            if self.llamafile:
+                self._ggml.cpu_set_llamafile(False)
         loss = ctypes.c_double()
         self._ggml.result_loss(self._result, ctypes.byref(loss), None)
         return float(loss.value) * scale
