@@ -54,7 +54,7 @@ CONFIGS = [
            llamafile=False, answers_only=False, labelled_outputs=False),
     Config("full finetune, all 30 blocks, every token a target, sgemm", "f32", "full", 256, answers_only=False),
     Config("LoRA r16, all 30 blocks, FP32 base", "f32", "lora", 512),
-    Config("LoRA r16, last 10 blocks, FP32 base, ggml kernels, logits everywhere (session 11)", "f32", "lora", 512, 10,
+    Config("LoRA r16, last 10 blocks, FP32 base, ggml kernels, logits everywhere", "f32", "lora", 512, 10,
            llamafile=False, labelled_outputs=False),
     Config("LoRA r16, last 10 blocks, FP32 base, sgemm, logits everywhere", "f32", "lora", 512, 10, labelled_outputs=False),
     Config("LoRA r16, last 10 blocks, FP32 base (the example's config)", "f32", "lora", 512, 10),
