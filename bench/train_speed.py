@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,14 +65,19 @@ CONFIGS = [
 ]
 
 
+def rate(step: Callable[[], object], steps: int, n_ctx: int) -> float:
+    """Window positions per second of ``step`` over ``steps`` calls, after one warm-up call."""
+    step()  # warm-up: graph allocation
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * n_ctx / (time.perf_counter() - t0)
+
+
 def forward_only(model: Path, n_ctx: int, steps: int) -> float:
     window = np.random.default_rng(0).integers(100, 40000, size=n_ctx + 1).tolist()
     with InferenceSession(model, n_ctx=n_ctx, threads=2) as s:
-        s.window_nll(window)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            s.window_nll(window)
-        return steps * n_ctx / (time.perf_counter() - t0)
+        return rate(lambda: s.window_nll(window), steps, n_ctx)
 
 
 def measure(model: Path, c: Config, steps: int) -> float:
@@ -89,11 +95,7 @@ def measure(model: Path, c: Config, steps: int) -> float:
     opt = "sgd" if c.method == "full" else "adamw"
     with TrainSession(model, n_ctx=c.n_ctx, threads=2, optimizer=opt, lr=1e-4, lora=init, llamafile=c.llamafile,
                       labelled_outputs=c.labelled_outputs) as s:  # fmt: skip
-        s.step(inputs, labels)  # warm-up: graph allocation
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            s.step(inputs, labels)
-        return steps * c.n_ctx / (time.perf_counter() - t0)
+        return rate(lambda: s.step(inputs, labels), steps, c.n_ctx)
 
 
 def main(argv: list[str] | None = None) -> int:
