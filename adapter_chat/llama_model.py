@@ -3,11 +3,14 @@
 Owns the model params (the GPU offload decision: ``n_gpu_layers`` layers go to a GPU; a CPU-only
 build of llama.cpp ignores them, so say so once per load and run on the CPU) and the load itself,
 with one error when llama.cpp returns no model. The engine, its probe and the trainer's binding
-all load through `load_model`."""
+all load through `load_model`; `native_build_id` names the build they run."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import llama_cpp.llama_cpp as C
@@ -39,3 +42,17 @@ def load_model(path: Any, params: Any = None, *, n_gpu_layers: int = 0, what: st
     if not model:
         raise ModelLoadError(f"llama.cpp could not load the {what} {path}")
     return model
+
+
+@functools.cache
+def native_build_id() -> str:
+    """The identity of the llama.cpp build this process runs: a sha256 (16 hex digits) of the
+    shared libraries in llama-cpp-python's ``lib/`` folder and of ``llama_print_system_info``.
+
+    Two builds may round differently, so a result computed with one (a greedy answer, a loss) is
+    reused only under the same id (``trainer.base_cache``)."""
+    h = hashlib.sha256(C.llama_print_system_info())
+    for path in sorted((Path(C.__file__).parent / "lib").glob("lib*.so*")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]

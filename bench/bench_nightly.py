@@ -25,6 +25,12 @@ earlier commit: ``pip install --no-deps --target DIR ~/.cache/adapter-chat/wheel
     .venv/bin/python bench/bench_nightly.py --paths lora full
     .venv/bin/python bench/bench_nightly.py --paths lora --train epochs=2    # a variant of the lora path
     .venv/bin/python bench/bench_nightly.py --paths full --full-site /tmp/old-site  # today's path, today's build
+    .venv/bin/python bench/bench_nightly.py --paths lora full --nights 2  # and the lora path's next night
+
+``--nights 2`` runs the lora nightly a second time in the same folder after a day of new traffic
+(``--new-exchanges`` more log rows from the example's generator): the steady state, where the
+base's validation losses and answers come from the base cache (``trainer.base_cache``) and only
+items new since are scored on the base.
 """
 
 from __future__ import annotations
@@ -91,11 +97,38 @@ def raw_decode_rate(tokens: int = 160) -> float:
         return n / (time.perf_counter() - t0)
 
 
-def run_nightly(path: str, train: dict[str, str] | None = None, site: Path | None = None) -> dict[str, Any]:
+def new_traffic(root: Path, night: int, n: int) -> Path:
+    """``n`` more exchanges in a log file of their own under ``root``, as a day's traffic adds
+    (the example's generator, another seed); the config's log glob already picks it up."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cto_generate", EXAMPLE / "generate.py")
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gen  # its dataclasses look their module up
+    spec.loader.exec_module(gen)
+    from adapter_chat.chat_template import render_system_prompt
+
+    system_prompt = render_system_prompt((EXAMPLE / "cto-house-style.j2").read_text(encoding="utf-8"), {})
+    log = root / f"night-{night}.sqlite3"
+    gen.write_log([log], n, 1000 + night, system_prompt=system_prompt, now=time.time())
+    return log
+
+
+def run_nightly(path: str, train: dict[str, str] | None = None, site: Path | None = None, *, night: int = 1,
+                new_exchanges: int = 0) -> dict[str, Any]:
+    """One nightly of ``path``. Night 1 starts from an empty folder (a first nightly: no cache, no
+    version); night k > 1 runs again in the same folder after ``new_exchanges`` new log rows."""
     root = WORK / path
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    cfg = config_for(path, root, train)
+    if night == 1:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        cfg = config_for(path, root, train)
+        text = cfg.read_text(encoding="utf-8").replace('logs = ["', f'logs = ["{root}/night-*.sqlite3", "', 1)
+        cfg.write_text(text, encoding="utf-8")
+    else:
+        cfg = root / "trainer.toml"
+        new_traffic(root, night, new_exchanges)
     log = root / "nightly.log"
     t0 = time.perf_counter()
     with open(log, "w", encoding="utf-8") as f:
@@ -108,8 +141,9 @@ def run_nightly(path: str, train: dict[str, str] | None = None, site: Path | Non
     wall = time.perf_counter() - t0
     outcome_files = sorted((root / "cache" / "runs").glob("*/*/outcome.json"))
     outcome = json.loads(outcome_files[-1].read_text()) if outcome_files else {}
+    label = path + (f", night {night} (+{new_exchanges} exchanges)" if night > 1 else "")
     return {
-        "path": path + (f" (llama-cpp-python from {site})" if site is not None else ""),
+        "path": label + (f" (llama-cpp-python from {site})" if site is not None else ""),
         "exit": os.waitstatus_to_exitcode(status),
         "wall_s": round(wall, 1),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
@@ -117,7 +151,8 @@ def run_nightly(path: str, train: dict[str, str] | None = None, site: Path | Non
         "version": outcome.get("version"),
         "metrics": outcome.get("metrics", {}),
         "log_tail": log.read_text(encoding="utf-8").splitlines()[-12:],
-        "adapter": str(next((root / "adapters" / "cto-house-style").glob("v*.gguf"), "")),
+        "adapter": str(max((root / "adapters" / "cto-house-style").glob("v*.gguf"), default="",
+                           key=lambda p: int(p.stem[1:]))),  # the newest version
     }
 
 
@@ -147,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="replace or add a [train] key of the lora path (TOML value), e.g. epochs=2")
     p.add_argument("--full-site", type=Path, metavar="DIR",
                    help="run the full path with the llama-cpp-python installed in DIR (today's build)")
+    p.add_argument("--nights", type=int, default=1,
+                   help="lora path: run N nightlies in one folder, each after --new-exchanges more log rows")
+    p.add_argument("--new-exchanges", type=int, default=40, metavar="N",
+                   help="log rows a day adds before each night after the first (default 40)")
     args = p.parse_args(argv)
     train = dict(kv.split("=", 1) for kv in args.train)
     if not (EXAMPLE / "data" / "conversations.jsonl").exists():
@@ -154,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
                  "examples/fractional-cto/data/conversations.sqlite3")  # fmt: skip
     WORK.mkdir(parents=True, exist_ok=True)
     raw = raw_decode_rate()
-    results = [run_nightly(path, train, args.full_site if path == "full" else None) for path in args.paths]
+    results = []
+    for path in args.paths:
+        for night in range(1, (args.nights if path == "lora" else 1) + 1):
+            results.append(run_nightly(path, train, args.full_site if path == "full" else None, night=night,
+                                       new_exchanges=args.new_exchanges))  # fmt: skip
     args.json.write_text(json.dumps({"raw_decode_tok_s": raw, "results": results}, indent=2), encoding="utf-8")
     print(markdown(results, raw, "python bench/bench_nightly.py " + " ".join(sys.argv[1:])))
     for r in results:

@@ -1,4 +1,5 @@
-"""Evaluation through llama.cpp (base, trained FP32, adapter on the served base) and the gate."""
+"""Evaluation through llama.cpp (base, trained FP32, adapter on the served base), the base-results
+cache, and the gate."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from adapter_chat.chat_template import ChatTemplate
+from adapter_chat.gguf_info import BaseModelInfo
 from tests.tinymodel import QUESTIONS, chatml, make_tiny_llama, pirate_texts
+from trainer.base_cache import BaseCache
 from trainer.evaluate import EvalReport, ModelScore, evaluate, gate
 from trainer.extract import Extraction, extract_lora, save_lora
 from trainer.finetune import TrainConfig, TrainedModel, train
+from trainer.task_eval import answer_prompts, score_task
 
 pytestmark = pytest.mark.timeout(120)
 # One thread: the tiny model gains nothing from two, and llama.cpp's OpenMP workers spin-wait,
@@ -81,3 +86,40 @@ def test_gate_margins() -> None:
     # a diverged adapter never passes
     passed, why = gate(_report(2.0, float("nan")), margin=0.0)
     assert not passed and "non-finite" in why
+
+
+def test_the_base_cache_gives_the_bases_numbers_and_computes_only_new_items(
+    run: tuple[Path, TrainedModel, Path], tmp_path: Path
+) -> None:
+    """Every night scores the same base: its per-item losses and samples are read back from the
+    cache, identical to computing them, and only items not seen before are computed."""
+    base, _, adapter = run
+    held_out, prompts = pirate_texts(range(9, 12)), [[{"role": "user", "content": QUESTIONS[10]}]]
+    fresh = evaluate(base, adapter, held_out, prompts=prompts, max_tokens=8, threads=THREADS)
+    with BaseCache(tmp_path / "c.sqlite3", base_sha256="tiny", build="this") as cache:
+        first = evaluate(base, adapter, held_out[:2], prompts=prompts, max_tokens=8, threads=THREADS, base_cache=cache)
+        second = evaluate(base, adapter, held_out, prompts=prompts, max_tokens=8, threads=THREADS, base_cache=cache)
+    assert first.base.cached == 0 and second.base.cached == 2 and second.n_texts == 3
+    assert (second.base.loss, second.base.tokens) == (fresh.base.loss, fresh.base.tokens)
+    assert second.adapter.loss == fresh.adapter.loss
+    assert [s.base for s in second.samples] == [s.base for s in fresh.samples]
+
+
+def test_cached_base_answers_are_the_answers_the_engine_gives(
+    run: tuple[Path, TrainedModel, Path], tmp_path: Path
+) -> None:
+    """A base answer read from the cache is the one the server's engine gives that prompt now,
+    also when the other prompts (and so the engine's context size) differ."""
+    base, _, adapter = run
+    (tmp_path / "scorer.py").write_text("def said_something(answer):\n    return bool(answer.strip())\n")
+    scorer = f"{tmp_path / 'scorer.py'}:said_something"
+    template = ChatTemplate.from_model(BaseModelInfo.load(base, sha256="-"))
+    prompts = [[{"role": "user", "content": q}] for q in QUESTIONS[9:12]]
+    kw = {"scorer": scorer, "template": template, "max_tokens": 12, "threads": THREADS, "n_examples": 3}
+    with BaseCache(tmp_path / "c.sqlite3", base_sha256="tiny", build="this") as cache:
+        first = score_task(base, adapter, prompts, base_cache=cache, **kw)
+        again = score_task(base, adapter, prompts[1:2], base_cache=cache, **kw)
+    [fresh] = answer_prompts(base, None, prompts[1:2], template=template, max_tokens=12, threads=THREADS)
+    assert (first.base_cached, again.base_cached) == (0, 1)
+    assert again.examples[0]["base"] == fresh == first.examples[1]["base"]
+    assert again.examples[0]["adapter"] == first.examples[1]["adapter"]

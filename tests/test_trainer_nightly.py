@@ -158,6 +158,11 @@ def test_the_gate_scores_held_out_answers_with_the_adapters_scorer(world: Path) 
                             options=RunOptions(skip_unchanged=False))  # fmt: skip
     assert refused.status == "rejected" and "task score 0% < 50% required" in (refused.reason or "")
     assert registry.current_version(world / "adapters", "scored") == 1
+    # the second night read the base's validation losses and answers from the base cache
+    first, second = (json.loads((o.run_dir / "eval.json").read_text()) for o in (out, refused))
+    assert second["base"]["cached"] == second["n_texts"] > 0  # (the first may share cto's items)
+    assert (first["task"]["base_cached"], second["task"]["base_cached"]) == (0, 3)
+    assert second["val_loss_base"] == first["val_loss_base"] == m["val_loss_base"]
 
 
 def test_too_little_data_is_skipped_and_recorded(world: Path) -> None:

@@ -211,9 +211,11 @@ class GateSettings:
     min_val_items: Int = 5
     """Fewer validation items than this: the run is `skipped`."""
     max_tokens: Int = 64
-    """Tokens generated per sample prompt in the evaluation report."""
+    """Tokens generated per sample prompt in the evaluation report (without a `scorer`)."""
     sample_prompts: Int = 3
-    """How many validation prompts to generate answers for (shown in the report)."""
+    """How many validation prompts to generate answers for (shown in the report). With a
+    `scorer`, the samples are the first of its answers (`score_max_tokens` long), not generated
+    twice."""
     scorer: Str | None = None
     """A task scorer, `file.py:function` (relative to the config file) or `module:function`,
     taking an answer and returning a bool or a number in [0, 1]: greedy answers to held-out

@@ -10,6 +10,10 @@ Scoring: each validation item is tokenized with the one tokenization the server 
 the loss is the mean negative log-likelihood (nats) over the item's training targets only (the
 assistant turns and their end-of-turn tokens, as in training; every token of a plain text),
 token-weighted across items; perplexity is ``exp(loss)``.
+
+The bare base's results (each item's summed loss, each sample reply) can come from a
+:class:`trainer.base_cache.BaseCache`: the base is the same every night, so only new items cost
+a forward pass.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import numpy as np
 
 from adapter_chat.chat_template import ChatTemplate, TokenizedConversation, tokenize_segments
 from adapter_chat.gguf_info import BaseModelInfo
+from trainer.base_cache import BaseCache
 from trainer.config import GATE_MODES
-from trainer.llama_opt import InferenceSession, perplexity
+from trainer.llama_opt import InferenceSession, VocabOnly, perplexity
 from trainer.packing import Example, tokenize_example
 
 
@@ -38,6 +43,8 @@ class ModelScore:
     perplexity: float
     tokens: int
     seconds: float
+    cached: int = 0
+    """Items whose result came from the base cache (``trainer.base_cache``), not computed now."""
 
 
 @dataclass
@@ -79,18 +86,30 @@ class EvalReport:
         return d
 
 
+def _nll_request(conv: TokenizedConversation, n_ctx: int) -> dict[str, Any]:
+    """What a validation item's score depends on, as the base cache's request."""
+    return {"ids": list(conv.ids[: n_ctx + 1]), "mask": [int(m) for m in conv.mask[1 : n_ctx + 1]], "n_ctx": n_ctx}
+
+
+def _item_nll(session: InferenceSession, conv: TokenizedConversation) -> tuple[float, int]:
+    """Summed NLL over one item's targets (truncated to the session's window) and their count."""
+    ids, mask = conv.ids[: session.n_ctx + 1], np.asarray(conv.mask[1 : session.n_ctx + 1], dtype=bool)
+    if not mask.any():
+        return 0.0, 0
+    nll = session.window_nll(ids, only=mask)  # logits at the target positions only
+    return float(nll.sum()), int(mask.sum())
+
+
+def _as_model_score(parts: Sequence[tuple[float, int]], seconds: float, cached: int = 0) -> ModelScore:
+    total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    loss = total / count if count else math.nan
+    return ModelScore(loss=loss, perplexity=perplexity(loss), tokens=count, seconds=seconds, cached=cached)
+
+
 def _score(session: InferenceSession, convs: Sequence[TokenizedConversation]) -> ModelScore:
     t0 = time.perf_counter()
-    total, count = 0.0, 0
-    for conv in convs:
-        ids, mask = conv.ids[: session.n_ctx + 1], np.asarray(conv.mask[1 : session.n_ctx + 1], dtype=bool)
-        if not mask.any():
-            continue
-        nll = session.window_nll(ids, only=mask)  # logits at the target positions only
-        total += float(nll.sum())
-        count += int(mask.sum())
-    loss = total / count if count else math.nan
-    return ModelScore(loss=loss, perplexity=perplexity(loss), tokens=count, seconds=time.perf_counter() - t0)
+    parts = [_item_nll(session, conv) for conv in convs]
+    return _as_model_score(parts, time.perf_counter() - t0)
 
 
 def _render_prompts(
@@ -121,30 +140,31 @@ def evaluate(
     max_tokens: int = 64,
     adapter_scale: float = 1.0,
     n_gpu_layers: int = 0,
+    base_cache: BaseCache | None = None,
 ) -> EvalReport:
     """Score ``val_texts`` (dataset items, or plain texts where every token counts) with the
     base, the adapter on the base, and (if given) the trained FP32 model; generate greedily for
     each of ``prompts`` with and without the adapter.
 
-    ``prompts`` items are either rendered prompt strings or lists of chat messages.
+    ``prompts`` items are either rendered prompt strings or lists of chat messages. With a
+    ``base_cache``, the base's results for items and prompts it holds are read from it (and the
+    base model is not loaded when it holds them all); the rest are computed and stored.
     """
     if not val_texts:
         raise ValueError("no validation texts")
     base_model, adapter = Path(base_model), Path(adapter)
-    samples: list[Sample] = []
     template = ChatTemplate.from_model(BaseModelInfo.load(base_model, sha256="-"))
-    examples = list(val_texts)
     kw = {"n_ctx": n_ctx, "threads": threads, "n_gpu_layers": n_gpu_layers}
-    with InferenceSession(base_model, **kw) as base_s:
+    with VocabOnly(base_model) as vocab:
         token_lists = [
-            c for c in (tokenize_example(base_s.vocab, template, ex) for ex in examples)
+            c for c in (tokenize_example(vocab, template, ex) for ex in val_texts)
             if len(c.ids) >= 2 and any(c.mask[1:])
         ]
-        if not token_lists:
-            raise ValueError("validation texts tokenized to fewer than 2 tokens each")
-        base_score = _score(base_s, token_lists)
-        rendered = _render_prompts(template, base_s.vocab, prompts)
-        base_replies = [base_s.generate(p, max_tokens=max_tokens) for _, p in rendered]
+        rendered = _render_prompts(template, vocab, prompts)
+    if not token_lists:
+        raise ValueError("validation texts tokenized to fewer than 2 tokens each")
+    base_score, base_replies = _base_results(base_model, token_lists, rendered, max_tokens=max_tokens,
+                                             cache=base_cache, **kw)  # fmt: skip
     with InferenceSession(base_model, adapter=adapter, adapter_scale=adapter_scale, **kw) as ad_s:
         adapter_score = _score(ad_s, token_lists)
         ad_replies = [ad_s.generate(p, max_tokens=max_tokens) for _, p in rendered]
@@ -164,6 +184,39 @@ def evaluate(
         base_model=str(base_model),
         adapter_path=str(adapter),
     )
+
+
+def _base_results(
+    base_model: Path,
+    convs: Sequence[TokenizedConversation],
+    rendered: Sequence[tuple[str, str | list[int]]],
+    *,
+    max_tokens: int,
+    cache: BaseCache | None,
+    **kw: Any,
+) -> tuple[ModelScore, list[str]]:
+    """The bare base's validation score and greedy replies, from ``cache`` where it has them."""
+    t0 = time.perf_counter()
+    n_ctx = int(kw["n_ctx"])
+    nll_reqs = [_nll_request(c, n_ctx) for c in convs]
+    gen_reqs = [{"prompt": p, "max_tokens": max_tokens, "n_ctx": n_ctx} for _, p in rendered]
+    parts: list[Any] = [cache.get("nll", r) if cache is not None else None for r in nll_reqs]
+    replies: list[Any] = [cache.get("sample", r) if cache is not None else None for r in gen_reqs]
+    cached = sum(p is not None for p in parts)
+    if any(p is None for p in parts) or any(r is None for r in replies):
+        with InferenceSession(base_model, **kw) as base_s:
+            for i, conv in enumerate(convs):
+                if parts[i] is None:
+                    parts[i] = _item_nll(base_s, conv)
+                    if cache is not None:
+                        cache.put("nll", nll_reqs[i], list(parts[i]))
+            for i, (_, p) in enumerate(rendered):
+                if replies[i] is None:
+                    replies[i] = base_s.generate(p, max_tokens=max_tokens)
+                    if cache is not None:
+                        cache.put("sample", gen_reqs[i], replies[i])
+    score = _as_model_score([(float(p[0]), int(p[1])) for p in parts], time.perf_counter() - t0, cached)
+    return score, [str(r) for r in replies]
 
 
 def gate(

@@ -246,31 +246,42 @@ def extract_stage(s: Stages, ds: DatasetResult, tr: TrainResult) -> TrainResult:
 def evaluate_stage(s: Stages, ds: DatasetResult, tr: TrainResult) -> EvalResult:
     """Validation loss of the adapter on the served base vs the bare base, the task score when the
     adapter names a scorer, and the gate's verdict."""
-    from trainer.evaluate import evaluate, gate
+    from adapter_chat.llama_model import native_build_id
+    from trainer.base_cache import FILENAME, BaseCache
+    from trainer.evaluate import Sample, evaluate, gate
 
     cfg, adapter, gate_cfg, t = s.cfg, s.adapter, s.adapter.gate, s.adapter.train
     s.check("evaluation")
     started = time.monotonic()
-    prompts = [list(i.messages[:-1]) for i in ds.data.val if i.messages][: gate_cfg.sample_prompts]
-    report = evaluate(cfg.base_model, tr.lora_path, ds.data.val, trained=tr.trained.trained, prompts=prompts,
-                      n_ctx=t.n_ctx, threads=cfg.threads, n_gpu_layers=cfg.n_gpu_layers,
-                      max_tokens=gate_cfg.max_tokens)  # fmt: skip
-    s.metrics["eval"] = report.to_dict()
+    val_prompts = [list(i.messages[:-1]) for i in ds.data.val if i.messages]
+    # with a scorer, its first answers are the samples: no second generation of the same prompts
+    prompts = [] if gate_cfg.scorer else val_prompts[: gate_cfg.sample_prompts]
     task = None
-    if gate_cfg.scorer:
-        s.check("task evaluation")
-        from trainer.task_eval import read_prompts, score_task
+    with BaseCache(cfg.cache_dir / FILENAME, base_sha256=ds.base.sha256, build=native_build_id()) as cache:
+        report = evaluate(cfg.base_model, tr.lora_path, ds.data.val, trained=tr.trained.trained, prompts=prompts,
+                          n_ctx=t.n_ctx, threads=cfg.threads, n_gpu_layers=cfg.n_gpu_layers,
+                          max_tokens=gate_cfg.max_tokens, base_cache=cache)  # fmt: skip
+        s.say(f"[{adapter.name}] validation loss: adapter {report.adapter.loss:.4f}, base {report.base.loss:.4f} "
+              f"({report.base.cached} of {report.n_texts} base items from {cache.path.name})")  # fmt: skip
+        if gate_cfg.scorer:
+            s.check("task evaluation")
+            from trainer.task_eval import read_prompts, score_task
 
-        if gate_cfg.score_file is not None:
-            held_out = read_prompts(gate_cfg.score_file)[: gate_cfg.score_prompts]
-        else:
-            held_out = [list(i.messages[:-1]) for i in ds.data.val if i.messages][: gate_cfg.score_prompts]
-        task = score_task(cfg.base_model, tr.lora_path, held_out, scorer=gate_cfg.scorer, template=ds.template,
-                          max_tokens=gate_cfg.score_max_tokens, threads=cfg.threads,
-                          n_gpu_layers=cfg.n_gpu_layers)  # fmt: skip
+            if gate_cfg.score_file is not None:
+                held_out = read_prompts(gate_cfg.score_file)[: gate_cfg.score_prompts]
+            else:
+                held_out = val_prompts[: gate_cfg.score_prompts]
+            task = score_task(cfg.base_model, tr.lora_path, held_out, scorer=gate_cfg.scorer, template=ds.template,
+                              max_tokens=gate_cfg.score_max_tokens, threads=cfg.threads,
+                              n_gpu_layers=cfg.n_gpu_layers, n_examples=gate_cfg.sample_prompts,
+                              base_cache=cache)  # fmt: skip
+            report.samples = [Sample(prompt=e["prompt"], base=e["base"], adapter=e["adapter"]) for e in task.examples]
+            s.say(f"[{adapter.name}] task score ({gate_cfg.scorer.rsplit('/', 1)[-1]}): adapter {task.adapter:.0%}, "
+                  f"base {task.base:.0%} on {task.prompts} held-out prompts ({task.base_cached} base answers "
+                  f"from {cache.path.name})")  # fmt: skip
+    s.metrics["eval"] = report.to_dict()
+    if task is not None:
         s.metrics["eval"]["task"] = task.to_dict()
-        s.say(f"[{adapter.name}] task score ({gate_cfg.scorer.rsplit('/', 1)[-1]}): adapter {task.adapter:.0%}, "
-              f"base {task.base:.0%} on {task.prompts} held-out prompts")  # fmt: skip
     s.metrics["eval"]["seconds"] = round(time.monotonic() - started, 2)
     _write_json(s.run_dir / "eval.json", s.metrics["eval"])
     passed, why = gate(report, margin=gate_cfg.margin, mode=gate_cfg.mode, task=task, min_score=gate_cfg.min_score)

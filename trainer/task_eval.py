@@ -4,8 +4,9 @@ Owns: loading a scorer (``file.py:function`` or ``module:function``), reading he
 (``gate.score_file``, or the validation items' prompts), and answering them through the server's
 own engine (``adapter_chat.engine.Engine``: the same tokenization, batching and sampler chain the
 server uses; greedy, the adapter's and the base's prompts all submitted at once to one engine),
-with and without the adapter. The result
-(:class:`TaskScore`) is the share of answers the scorer accepts, for the gate and the manifest.
+with and without the adapter (the base's answers from a ``trainer.base_cache`` where it has
+them). The result (:class:`TaskScore`) is the share of answers the scorer accepts, for the gate
+and the manifest.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter_chat.chat_template import ChatTemplate, tokenize_segments
+from trainer.base_cache import BaseCache
 from trainer.llama_opt import VocabOnly
 
 Scorer = Callable[[str], Any]
@@ -95,6 +97,8 @@ class TaskScore:
     max_tokens: int
     seconds: float
     examples: list[dict[str, str]] = field(default_factory=list)
+    base_cached: int = 0
+    """Base answers read from the base cache (``trainer.base_cache``), not generated now."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,6 +151,15 @@ async def _answer_all(
         await asyncio.to_thread(engine.close)
 
 
+def prompt_tokens(
+    base_model: Path, prompts: Sequence[list[dict[str, str]]], *, template: ChatTemplate
+) -> list[list[int]]:
+    """Chat prompts as token ids, with the generation prompt, tokenized as the server tokenizes
+    a request."""
+    with VocabOnly(base_model) as vocab:
+        return [tokenize_segments(vocab, template.render_segments(list(p), add_generation_prompt=True)) for p in prompts]
+
+
 def answer_many(
     base_model: Path,
     jobs: Sequence[AnswerJob],
@@ -159,9 +172,11 @@ def answer_many(
     """Greedy answers for several jobs (paths) in one engine run: all prompts are submitted at
     once and batched together, as the server batches requests on different adapters and
     grammars. Tokenized as the server tokenizes a request; adapters at scale 1."""
-    with VocabOnly(base_model) as vocab:
-        token_jobs = [(job, [tokenize_segments(vocab, template.render_segments(list(p), add_generation_prompt=True))
-                             for p in job.prompts]) for job in jobs]  # fmt: skip
+    tokens = prompt_tokens(base_model, [p for job in jobs for p in job.prompts], template=template)
+    token_jobs, i = [], 0
+    for job in jobs:
+        token_jobs.append((job, tokens[i : i + len(job.prompts)]))
+        i += len(job.prompts)
     n_ctx = max(len(t) for _, ts in token_jobs for t in ts) + max_tokens + 8
     return asyncio.run(_answer_all(base_model, token_jobs, max_tokens=max_tokens, n_ctx=n_ctx, threads=threads,
                                    n_gpu_layers=n_gpu_layers))  # fmt: skip
@@ -193,13 +208,25 @@ def score_task(
     threads: int = 2,
     n_gpu_layers: int = 0,
     n_examples: int = 3,
+    base_cache: BaseCache | None = None,
 ) -> TaskScore:
     """Answer ``prompts`` greedily with the adapter and with the bare base, through the server's
-    engine, and score every answer with ``scorer``."""
+    engine, and score every answer with ``scorer``. With a ``base_cache``, the base's answers
+    to prompts it holds are read from it; the rest are generated (with the adapter's, in one
+    engine run) and stored."""
     fn = load_scorer(scorer)
     t0 = time.perf_counter()
     kw = {"template": template, "max_tokens": max_tokens, "threads": threads, "n_gpu_layers": n_gpu_layers}
-    answers_ad, answers_base = answer_many(base_model, [AnswerJob(prompts, adapter), AnswerJob(prompts)], **kw)
+    requests = [{"tokens": t, "max_tokens": max_tokens}
+                for t in prompt_tokens(base_model, prompts, template=template)]  # fmt: skip
+    answers_base: list[Any] = [base_cache.get("answer", r) if base_cache is not None else None for r in requests]
+    missing = [i for i, a in enumerate(answers_base) if a is None]
+    jobs = [AnswerJob(prompts, adapter)] + ([AnswerJob([prompts[i] for i in missing])] if missing else [])
+    answers_ad, *fresh = answer_many(base_model, jobs, **kw)
+    for i, answer in zip(missing, fresh[0] if fresh else ()):
+        answers_base[i] = answer
+        if base_cache is not None:
+            base_cache.put("answer", requests[i], answer)
     ad = [_as_score(fn(a)) for a in answers_ad]
     base = [_as_score(fn(a)) for a in answers_base]
     examples = [
@@ -214,7 +241,10 @@ def score_task(
         max_tokens=max_tokens,
         seconds=round(time.perf_counter() - t0, 2),
         examples=examples,
+        base_cached=len(prompts) - len(missing),
     )
 
 
-__all__ = ["AnswerJob", "TaskScore", "answer_many", "answer_prompts", "load_scorer", "read_prompts", "score_task"]
+__all__ = [
+    "AnswerJob", "TaskScore", "answer_many", "answer_prompts", "load_scorer", "prompt_tokens", "read_prompts", "score_task",
+]

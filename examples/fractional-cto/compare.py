@@ -3,7 +3,7 @@
     python examples/fractional-cto/compare.py --server http://127.0.0.1:8000     # through the server's routes
     python examples/fractional-cto/compare.py --offline --adapter adapters/cto-house-style/v1.gguf
 
-Four paths, greedy:
+Four paths, greedy (`--paths` picks some):
 - `cto-prompt`: the route's system prompt, then the question;
 - `cto-finetuned`: the question alone, with the adapter attached;
 - `cto-grammar`: the prompt path constrained by `house-style.gbnf` (llama-server's `grammar`
@@ -65,8 +65,12 @@ def ask_server(url: str, route: str, question: str, max_tokens: int, grammar: st
     return reply.choices[0].message.content or ""
 
 
-def run_offline(model: Path, adapter: Path, qs: list[str], max_tokens: int) -> dict[str, list[str]]:
-    """The four paths in process, through the server's own engine (same tokenization, batching,
+PATHS = ("cto-prompt", "cto-finetuned", "cto-grammar", "base")
+
+
+def run_offline(model: Path, adapter: Path, qs: list[str], max_tokens: int,
+                paths: tuple[str, ...] = PATHS) -> dict[str, list[str]]:
+    """The chosen paths in process, through the server's own engine (same tokenization, batching,
     greedy sampler and grammar sampler as `python -m server`)."""
     from adapter_chat.chat_template import ChatTemplate, render_system_prompt
     from adapter_chat.gguf_info import BaseModelInfo
@@ -77,10 +81,10 @@ def run_offline(model: Path, adapter: Path, qs: list[str], max_tokens: int) -> d
     user = [[{"role": "user", "content": q}] for q in qs]
     prompted = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in qs]
     kw = {"template": template, "max_tokens": max_tokens}
-    # one engine run, the four paths batched together as the server batches them
-    jobs = [AnswerJob(prompted), AnswerJob(user, adapter), AnswerJob(prompted, grammar=GRAMMAR), AnswerJob(user)]
-    prompt_path, finetuned, grammar, base = answer_many(model, jobs, **kw)
-    return {"cto-prompt": prompt_path, "cto-finetuned": finetuned, "cto-grammar": grammar, "base": base}
+    every = {"cto-prompt": AnswerJob(prompted), "cto-finetuned": AnswerJob(user, adapter),
+             "cto-grammar": AnswerJob(prompted, grammar=GRAMMAR), "base": AnswerJob(user)}  # fmt: skip
+    # one engine run, the paths batched together as the server batches them
+    return dict(zip(paths, answer_many(model, [every[name] for name in paths], **kw)))
 
 
 def scores(qs: list[str], replies: list[str]) -> dict[str, float]:
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--show", type=int, default=1, help="answers to print per path")
     p.add_argument("--json", type=Path, help="write every answer and score here")
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), help="only these paths (default: all four)")
     args = p.parse_args(argv)
     if args.questions_file:
         qs = [q.strip() for q in args.questions_file.read_text(encoding="utf-8").splitlines() if q.strip()][: args.n]
@@ -118,12 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.offline:
         if args.adapter is None:
             p.error("--offline needs --adapter")
-        answers = run_offline(args.model, args.adapter, qs, args.max_tokens)
+        answers = run_offline(args.model, args.adapter, qs, args.max_tokens, tuple(args.paths))
     else:
         paths = {"cto-prompt": ("cto-prompt", None), "cto-finetuned": ("cto-finetuned", None),
                  "cto-grammar": ("cto-prompt", GRAMMAR), "base": ("base", None)}  # fmt: skip
         answers = {name: [ask_server(args.server, route, q, args.max_tokens, grammar) for q in qs]
-                   for name, (route, grammar) in paths.items()}  # fmt: skip
+                   for name, (route, grammar) in paths.items() if name in args.paths}  # fmt: skip
     print(f"{len(qs)} held-out questions, {time.perf_counter() - t0:.0f}s")
     print("| path | strict house style | strict, 3 distinct reasons | opens with Bottom line | sign-off "
           "| repeats a line | on topic |")
