@@ -177,6 +177,14 @@ def answer_many(
     for job in jobs:
         token_jobs.append((job, tokens[i : i + len(job.prompts)]))
         i += len(job.prompts)
+    return _answer_tokens(base_model, token_jobs, max_tokens=max_tokens, threads=threads, n_gpu_layers=n_gpu_layers)
+
+
+def _answer_tokens(
+    base_model: Path, token_jobs: Sequence[tuple[AnswerJob, Sequence[list[int]]]], *, max_tokens: int, threads: int,
+    n_gpu_layers: int,
+) -> list[list[str]]:
+    """`answer_many` for prompts already tokenized (one list of token ids per job prompt)."""
     n_ctx = max(len(t) for _, ts in token_jobs for t in ts) + max_tokens + 8
     return asyncio.run(_answer_all(base_model, token_jobs, max_tokens=max_tokens, n_ctx=n_ctx, threads=threads,
                                    n_gpu_layers=n_gpu_layers))  # fmt: skip
@@ -216,13 +224,15 @@ def score_task(
     engine run) and stored."""
     fn = load_scorer(scorer)
     t0 = time.perf_counter()
-    kw = {"template": template, "max_tokens": max_tokens, "threads": threads, "n_gpu_layers": n_gpu_layers}
-    requests = [{"tokens": t, "max_tokens": max_tokens}
-                for t in prompt_tokens(base_model, prompts, template=template)]  # fmt: skip
+    tokens = prompt_tokens(base_model, prompts, template=template)  # once: the cache's keys and the engine's input
+    requests = [{"tokens": t, "max_tokens": max_tokens} for t in tokens]
     answers_base: list[Any] = [base_cache.get("answer", r) if base_cache is not None else None for r in requests]
     missing = [i for i, a in enumerate(answers_base) if a is None]
-    jobs = [AnswerJob(prompts, adapter)] + ([AnswerJob([prompts[i] for i in missing])] if missing else [])
-    answers_ad, *fresh = answer_many(base_model, jobs, **kw)
+    jobs = [(AnswerJob(prompts, adapter), tokens)]
+    if missing:
+        jobs.append((AnswerJob([prompts[i] for i in missing]), [tokens[i] for i in missing]))
+    answers_ad, *fresh = _answer_tokens(base_model, jobs, max_tokens=max_tokens, threads=threads,
+                                        n_gpu_layers=n_gpu_layers)  # fmt: skip
     for i, answer in zip(missing, fresh[0] if fresh else ()):
         answers_base[i] = answer
         if base_cache is not None:
