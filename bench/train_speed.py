@@ -8,7 +8,9 @@ example's packed windows (58% of positions are answer tokens, the rest prompt an
 row says whether the step runs llamafile's sgemm (the trainer's default) or ggml's own kernels
 (the server's), and whether it computes logits only at the labelled positions (the default) or
 everywhere. Speed is window positions per second, labelled or not. Two forward-only rows follow:
-one ``llama_decode`` of the window, logits everywhere, no backward, ggml's kernels. The machine's
+one ``llama_decode`` of the window, logits everywhere, no backward, ggml's kernels. The
+``frozen_cache`` rows: the step of the last blocks' model fed the lower blocks' output, and the
+forward pass through the lower blocks that computes it (once per new item). The machine's
 raw single-sequence decode rate is measured first, so the figures can be scaled to another machine.
 
     .venv/bin/python bench/train_speed.py
@@ -30,7 +32,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.bench_nightly import BASE, raw_decode_rate  # noqa: E402
 from trainer.finetune import f32_base, initial_lora  # noqa: E402
-from trainer.llama_opt import DEFAULT_TARGETS, InferenceSession, TrainSession, llamafile_available  # noqa: E402
+from trainer.frozen import n_blocks, shift_lora, top_model  # noqa: E402
+from trainer.llama_opt import DEFAULT_TARGETS, BlockOutputs, InferenceSession, TrainSession, llamafile_available  # noqa: E402,E501
 from trainer.packing import IGNORE_INDEX  # noqa: E402
 
 WORK = REPO / "bench" / ".work" / "train_speed"
@@ -48,6 +51,7 @@ class Config:
     llamafile: bool = True  # llamafile's sgemm in the training step
     answers_only: bool = True  # labels: the example's share of answer tokens (False: every token)
     labelled_outputs: bool = True  # logits only where there is a label
+    frozen: bool = False  # [train] frozen_cache: the upper `top` blocks' model, fed the lower blocks' output
 
 
 CONFIGS = [
@@ -59,6 +63,9 @@ CONFIGS = [
            llamafile=False, labelled_outputs=False),
     Config("LoRA r16, last 10 blocks, FP32 base, sgemm, logits everywhere", "f32", "lora", 512, 10, labelled_outputs=False),
     Config("LoRA r16, last 10 blocks, FP32 base (the example's config)", "f32", "lora", 512, 10),
+    Config("LoRA r16, last 10 blocks, FP32 base, lower 20 blocks' output cached (frozen_cache)", "f32", "lora", 512, 10,
+           frozen=True),
+    Config("lower 20 blocks only, forward, sgemm (what frozen_cache computes once per new item)", "f32", "lower", 512, 10),
     Config("LoRA r16, last 10 blocks, Q4_1 base", "q4_1", "lora", 512, 10),
     Config("forward only, logits at every position, FP32 base, ggml kernels (no backward)", "f32", "forward", 512),
     Config("forward only, logits at every position, Q4_1 base, ggml kernels (no backward)", "q4_1", "forward", 512),
@@ -83,24 +90,39 @@ def forward_only(model: Path, n_ctx: int, steps: int) -> float:
 def measure(model: Path, c: Config, steps: int) -> float:
     if c.method == "forward":
         return forward_only(model, c.n_ctx, steps)
+    n_layer = n_blocks(model)
+    window = np.random.default_rng(0).integers(100, 40000, size=c.n_ctx + 1).tolist()
+    embd = None
+    if c.method == "lower" or c.frozen:
+        with BlockOutputs(model, block=n_layer - c.top - 1, n_ctx=c.n_ctx, threads=2) as lower:
+            if c.method == "lower":
+                return rate(lambda: lower(window[:-1]), steps, c.n_ctx)
+            embd = lower(window[:-1])
     init = None
     if c.method == "lora":
         init = initial_lora(BASE, DEFAULT_TARGETS, 16, 32.0, 0, WORK / f"init-{c.top}.gguf", architecture="llama",
                             top_layers=c.top)  # fmt: skip
-    window = np.random.default_rng(0).integers(100, 40000, size=c.n_ctx + 1).tolist()
     inputs, labels = window[:-1], window[1:]
     if c.answers_only:  # items of 170 tokens, the first 42% of each a prompt
         prompt = round(170 * (1 - ANSWER_SHARE))
         labels = [t if j % 170 >= prompt else IGNORE_INDEX for j, t in enumerate(labels)]
     opt = "sgd" if c.method == "full" else "adamw"
+    offset = 0
+    if c.frozen:
+        assert init is not None
+        offset = n_layer - c.top
+        model = top_model(model, offset, WORK / f"top{c.top}.gguf")
+        init = shift_lora(init, WORK / f"init-{c.top}-top.gguf", -offset, architecture="llama")
     with TrainSession(model, n_ctx=c.n_ctx, threads=2, optimizer=opt, lr=1e-4, lora=init, llamafile=c.llamafile,
-                      labelled_outputs=c.labelled_outputs) as s:  # fmt: skip
-        return rate(lambda: s.step(inputs, labels), steps, c.n_ctx)
+                      labelled_outputs=c.labelled_outputs, block_offset=offset) as s:  # fmt: skip
+        return rate(lambda: s.step(inputs, labels, embd=embd), steps, c.n_ctx)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--rows", type=int, nargs="+", metavar="I",
+                   help="only these rows (1-based, in the table's order); the first row is always measured: the ratios are to it")
     args = p.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
     f32, _ = f32_base(BASE, WORK)
@@ -112,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     first = None
     if not llamafile_available():
         print("This wheel has no llamafile sgemm behind the run-time switch: the sgemm rows run ggml's kernels.\n")
-    for c in CONFIGS:
+    for i, c in enumerate(CONFIGS, 1):
+        if args.rows and i != 1 and i not in args.rows:
+            continue
         tps = measure(f32 if c.base == "f32" else BASE, c, args.steps)
         first = first or tps
         print(f"| {c.label} | {c.n_ctx} | {tps:.0f} | {tps / first:.2f}x |", flush=True)

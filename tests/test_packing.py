@@ -107,6 +107,8 @@ def test_each_packed_item_is_its_own_sequence() -> None:
     assert len(w.seq_ids) == 512 and w.seq_ids == sorted(w.seq_ids)
     runs = [len([s for s in w.seq_ids if s == k]) for k in range(max(w.seq_ids) + 1)]
     assert runs[:-1] == [len(c.ids) for c in convs] and runs[-1] == 512 - sum(len(c.ids) for c in convs)
+    # n_tokens: where the padding starts; no label after it (a step need not compute the padding)
+    assert w.n_tokens == sum(len(c.ids) for c in convs) and all(t < 0 for t in w.labels[w.n_tokens:])
     capped = pack(convs, 512, pad_id=0, max_seqs=4)  # three items and the padding per window
     assert [len(set(w.seq_ids)) for w in capped.windows] == [4, 4, 3]
     assert sum(capped.per_window) == p.labelled_tokens

@@ -123,6 +123,10 @@ class TrainSettings:
     faster on CPU, where backward through quantized matrices is 2.3x slower)."""
     top_layers: Int = 0
     """Method `lora`: adapt only the last N blocks (0: all); backward stops below them."""
+    frozen_cache: Bool = False
+    """Method `lora` with `top_layers`: compute the frozen blocks below once per item and keep
+    their output in `cache_dir/frozen/` between runs; a step then runs only the top blocks
+    (`trainer.frozen`). Same gradient, up to rounding. Needs the F32 base (`quantized_base = false`)."""
     checkpoint_every: Int = 50
     """Method `lora`: steps between checkpoints; a killed run resumes from the last one. 0: none."""
     warmup_steps: Int = 0
@@ -168,6 +172,8 @@ class TrainSettings:
             out.append(f"lr must be > 0, got {self.lr}")
         if self.unlikelihood > 0 and self.windows != "packed":
             out.append("unlikelihood needs windows = \"packed\" (its targets are found per answer)")
+        if self.frozen_cache and (self.method != "lora" or self.top_layers < 1 or self.quantized_base):
+            out.append("frozen_cache needs method = \"lora\", top_layers >= 1 and quantized_base = false")
         if not self.alpha > 0:
             out.append(f"alpha must be > 0, got {self.alpha}")
         if not 0.0 < self.val_fraction < 1.0:

@@ -42,6 +42,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from adapter_chat.chat_template import ChatTemplate
 from adapter_chat.gguf_info import sha256_file
 from adapter_chat.registry import write_lora_gguf
+from trainer.frozen import FrozenBlocks, shift_lora
 from trainer.config import SECTION, Bool, Int, TrainSettings
 from trainer.llama_opt import TrainSession
 from trainer.packing import Example, Packing, Window, pack, repeat_negatives, tokenize_example
@@ -433,6 +434,17 @@ def train(
         start_step, resume_note = ckpt.load(key)
     start_from = ckpt.adapter if (ckpt is not None and start_step > 0) else init
 
+    frozen: FrozenBlocks | None = None
+    attach = start_from if lora else None
+    if cfg.frozen_cache:
+        assert base_f32 is not None
+        frozen = FrozenBlocks(base_f32, base_sha256=sha, cache_dir=cfg.cache_dir, top_layers=cfg.top_layers,
+                              n_ctx=cfg.n_ctx, threads=cfg.threads)  # fmt: skip
+        frozen.prepare(packing.windows)
+        model_path = frozen.top_model
+        attach = shift_lora(start_from, cfg.cache_dir / "trained" / f".{sha}.{os.getpid()}.top.lora.gguf", -frozen.first,
+                            architecture=architecture)  # fmt: skip
+
     rng = random.Random(cfg.seed)
     total = len(packing.windows) * cfg.epochs
     with TrainSession(
@@ -444,9 +456,12 @@ def train(
         targets=cfg.targets,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
-        lora=start_from if lora else None,
+        lora=attach,
         verbose=verbose,
+        block_offset=frozen.first if frozen is not None else 0,
     ) as sess:
+        if frozen is not None and attach is not None:
+            attach.unlink(missing_ok=True)  # loaded: llama.cpp holds its own copy
         step, tokens, first_loss, loss = 0, 0, float("nan"), float("nan")
         epoch_losses: list[float] = []
         t_train = time.perf_counter()
@@ -472,7 +487,8 @@ def train(
                 lr = cfg.lr_at(step, total)
                 sess.set_lr(lr)
                 w = packing.windows[i]
-                loss = sess.step(w.inputs, w.labels, w.seq_ids, w.negatives, cfg.unlikelihood)
+                embd = frozen.window(w) if frozen is not None else None
+                loss = sess.step(w.inputs, w.labels, w.seq_ids, w.negatives, cfg.unlikelihood, embd=embd)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {step + 1}; lower lr (now {lr:g})")
                 step += 1
@@ -516,6 +532,8 @@ def train(
         ckpt.clear()
 
     report = packing.report()
+    if frozen is not None:
+        report["frozen"] = frozen.stats.report()
     if resume_note and start_step == 0 and ckpt is not None and resume_note != "no checkpoint":
         report["resume_refused"] = resume_note
     return TrainedModel(

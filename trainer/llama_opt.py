@@ -59,6 +59,7 @@ import numpy as np
 
 from adapter_chat.llama_model import ModelLoadError, load_model, model_params
 from adapter_chat.llama_vocab import LlamaVocab
+from trainer.frozen import shift_name
 
 GGML_TYPE_F32 = 0
 GGML_TYPE_I32 = 26
@@ -216,6 +217,12 @@ try:  # patches/llama-cpp-python-0.3.36-3-train-speed.patch; absent from a wheel
     )
 except AttributeError:
     _opt_set_labelled_outputs = None
+try:  # patches/llama-cpp-python-0.3.36-4-train-inputs.patch; absent from a wheel built without it
+    _opt_set_embd = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(
+        ("llama_opt_set_embd", llc._lib)
+    )
+except AttributeError:
+    _opt_set_embd = None
 _opt_epoch = ctypes.CFUNCTYPE(
     None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
 )(("llama_opt_epoch", llc._lib))
@@ -237,8 +244,11 @@ def _load_model(path: Path, *, writable: bool, n_gpu_layers: int = 0) -> ctypes.
         raise LlamaError(str(e)) from None
 
 
-def _new_context(model: ctypes.c_void_p, *, n_ctx: int, n_batch: int, threads: int, f32_cache: bool) -> ctypes.c_void_p:  # noqa: E501
+def _new_context(model: ctypes.c_void_p, *, n_ctx: int, n_batch: int, threads: int, f32_cache: bool,
+                 cb_eval: object = None) -> ctypes.c_void_p:  # fmt: skip
     cparams = llc.llama_context_default_params()
+    if cb_eval is not None:  # a ggml_backend_sched_eval_callback, kept alive by the caller
+        cparams.cb_eval = cb_eval
     cparams.n_ctx = n_ctx
     cparams.n_batch = n_batch
     cparams.n_ubatch = n_batch
@@ -326,7 +336,7 @@ class _ModelHandle:
 
     def __init__(
         self, path: Path, *, n_ctx: int, n_batch: int, threads: int, writable: bool, verbose: bool,
-        training: bool | None = None, n_gpu_layers: int = 0,
+        training: bool | None = None, n_gpu_layers: int = 0, cb_eval: object = None,
     ) -> None:
         _backend(verbose)
         self.path = Path(path)
@@ -336,7 +346,8 @@ class _ModelHandle:
         self.text = LlamaVocab(self.vocab)
         training = writable if training is None else training
         try:
-            self.ctx = _new_context(self.model, n_ctx=n_ctx, n_batch=n_batch, threads=threads, f32_cache=training)
+            self.ctx = _new_context(self.model, n_ctx=n_ctx, n_batch=n_batch, threads=threads, f32_cache=training,
+                                    cb_eval=cb_eval)  # fmt: skip
         except Exception:
             llc.llama_model_free(self.model)
             raise
@@ -392,6 +403,11 @@ class TrainSession:
     of the mean over them. Off computes them everywhere: the same loss and the same SGD update up
     to rounding, but AdamW then sees each window's gradient scaled by its labelled share.
 
+    ``block_offset`` k: the model file holds only the base's blocks from k up, renumbered from 0
+    (``trainer.frozen``), and each :meth:`step` gets the frozen blocks' output as ``embd``; the
+    adapter is attached as given (its names the file's) and :meth:`lora_pairs` names it as the
+    base's.
+
     ``llamafile`` (default on): the step's matmuls use llamafile's sgemm where the wheel has it
     (:func:`llamafile_available`): 1.77x ggml's own kernels on the example's LoRA step
     (``bench/train_speed.py``). It is switched
@@ -414,6 +430,7 @@ class TrainSession:
         n_gpu_layers: int = 0,
         llamafile: bool = True,
         labelled_outputs: bool = True,
+        block_offset: int = 0,
     ) -> None:
         if n_ctx <= 0 or n_ctx % 256:
             raise ValueError(f"n_ctx must be a positive multiple of 256 (llama.cpp pads contexts to 256), got {n_ctx}")
@@ -435,6 +452,8 @@ class TrainSession:
             self.close()
             raise LlamaError(f"llama.cpp made a context of {self._h.n_ctx} tokens, asked for {n_ctx}")
         self.n_ctx = n_ctx
+        self.n_embd = int(llc.llama_model_n_embd(self._h.model))
+        self.block_offset = block_offset
         self.lr = lr
         try:
             if self.lora_path is not None:
@@ -533,13 +552,17 @@ class TrainSession:
         seq_ids: Sequence[int] | None = None,
         negatives: Sequence[tuple[int, int]] = (),
         unlikelihood: float = 0.0,
+        embd: np.ndarray | None = None,
     ) -> float:
         """One optimizer step on one window; returns the mean cross-entropy of the labelled
         positions. ``labels=None``: ``inputs`` holds ``n_ctx + 1`` tokens and every next token
         is a label (the unmasked case). ``seq_ids`` (one per position, non-decreasing, below
         ``MAX_PACKED_SEQS``): each run of equal ids is its own sequence, from position 0, that
         attends only to itself, as a conversation does when served; ``None``: the window is one
-        sequence. ``negatives`` ((position, token) pairs at labelled positions) with
+        sequence. ``embd`` ((n_ctx, n_embd) F32): the model's input at each position, in place of
+        ``inputs``' token embeddings (``llama_opt_set_embd``): the output of the base's frozen lower
+        blocks when this session's model holds only the upper ones (``trainer.frozen``); the
+        tokens still count for the checks. ``negatives`` ((position, token) pairs at labelled positions) with
         ``unlikelihood`` = w > 0: the loss also adds ``-w * log(1 - p(token))`` at each (Welleck et
         al.'s unlikelihood; the returned loss then includes those terms).
 
@@ -587,6 +610,15 @@ class TrainSession:
             _opt_set_negatives(self._h.ctx, pos.ctypes.data, tok.ctypes.data, len(neg), unlikelihood)
         else:
             _opt_set_negatives(self._h.ctx, None, None, 0, 0.0)
+        if embd is not None:
+            if _opt_set_embd is None:
+                raise LlamaError("this llama-cpp-python wheel has no llama_opt_set_embd (patches/*-4-train-inputs.patch): run `make setup`")
+            e = np.ascontiguousarray(embd, dtype=np.float32)
+            if e.shape != (self.n_ctx, self.n_embd):
+                raise ValueError(f"embd must be (n_ctx, n_embd) = {(self.n_ctx, self.n_embd)}, got {e.shape}")
+            _opt_set_embd(self._h.ctx, e.ctypes.data, self.n_ctx)
+        elif _opt_set_embd is not None:
+            _opt_set_embd(self._h.ctx, None, 0)
         n = self.n_ctx * 4
         ctypes.memmove(self._data, x.ctypes.data, n)
         ctypes.memmove(self._labels, y.ctypes.data, n)
@@ -616,11 +648,12 @@ class TrainSession:
         return np.ctypeslib.as_array(buf).reshape(ne[1], ne[0]).copy()
 
     def lora_pairs(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """The trained LoRA: base tensor name -> (A, B), as ``adapter_chat.registry.write_lora_gguf`` takes."""
+        """The trained LoRA: base tensor name -> (A, B), as ``adapter_chat.registry.write_lora_gguf`` takes.
+        With ``block_offset`` k (a model of the base's blocks from k up), block i is named ``blk.{i + k}``."""
         if self.lora_path is None:
             raise LlamaError("lora_pairs() needs a LoRA session (lora=...)")
         names = sorted({n.rsplit(".", 1)[0] for n in self._tensors})
-        return {n: (self.tensor(f"{n}.lora_a"), self.tensor(f"{n}.lora_b")) for n in names}
+        return {shift_name(n, self.block_offset): (self.tensor(f"{n}.lora_a"), self.tensor(f"{n}.lora_b")) for n in names}
 
     def save(self, path: Path) -> Path:
         """Write the model with its current (trained) weights as a GGUF (llama_model_save_to_file).
@@ -650,6 +683,88 @@ class TrainSession:
         self._h.close()
 
     def __enter__(self) -> TrainSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BlockOutputs:
+    """The output of one block of a model for a token sequence, from position 0: the residual
+    stream a model of the blocks above it takes as its input (``trainer.frozen``).
+
+    Owns a read-only model and a context whose eval callback (llama.cpp's ``cb_eval``, as
+    llama-imatrix and llama-eval-callback use it) copies the tensor ``l_out-<block>`` and then
+    cancels the rest of the graph (the callback returning false), so the blocks above and the
+    output layer are never computed. The computation is the training step's forward pass: the F32
+    K/V cache of a training context, and llamafile's sgemm on around the decode where the wheel
+    has it (as :meth:`TrainSession.step` has it), off after it.
+    """
+
+    def __init__(self, model_path: Path, *, block: int, n_ctx: int = 512, threads: int = 2, verbose: bool = False,
+                 llamafile: bool = True) -> None:  # fmt: skip
+        self._ggml = _ggml()
+        self.block = block
+        self._name = f"l_out-{block}".encode()
+        self._out: np.ndarray | None = None
+        self.llamafile = llamafile and llamafile_available()
+
+        def cb(tensor: int, ask: bool, _ud: int) -> bool:
+            if self._ggml.get_name(tensor) != self._name:
+                return bool(not ask)  # ask: not wanted; observe: keep computing
+            if ask:
+                return True
+            ne = _ggml_ne(tensor)
+            count = ne[0] * ne[1]
+            if ne[2:] != (1, 1) or count * 4 != int(self._ggml.nbytes(tensor)):
+                raise LlamaError(f"l_out-{block} is not an F32 matrix (ne {ne})")
+            buf = (ctypes.c_float * count).from_address(self._ggml.get_data(tensor))
+            self._out = np.ctypeslib.as_array(buf).reshape(ne[1], ne[0]).copy()
+            return False  # the rest of the graph is not needed: cancel it
+
+        self._cb = llc.ggml_backend_sched_eval_callback(cb)  # must outlive the context
+        self._h = _ModelHandle(model_path, n_ctx=n_ctx, n_batch=n_ctx, threads=threads, writable=False,
+                               verbose=verbose, training=True, cb_eval=self._cb)  # fmt: skip
+        n_layer = int(llc.llama_model_n_layer(self._h.model))
+        if not 0 <= block < n_layer - 1:
+            self.close()
+            raise ValueError(f"block must be in [0, {n_layer - 1}) for a model of {n_layer} blocks, got {block}")
+        self.n_ctx = self._h.n_ctx
+        self.n_embd = int(llc.llama_model_n_embd(self._h.model))
+
+    def __call__(self, tokens: Sequence[int]) -> np.ndarray:
+        """(len(tokens), n_embd) F32: block ``block``'s output at each position of ``tokens``,
+        decoded alone as one sequence from position 0."""
+        n = len(tokens)
+        if not 0 < n <= self.n_ctx:
+            raise ValueError(f"a sequence of 1..{self.n_ctx} tokens, got {n}")
+        self._h.clear_memory()
+        self._out = None
+        batch = llc.llama_batch_init(n, 0, 1)
+        if self.llamafile:
+            self._ggml.cpu_set_llamafile(True)
+        try:
+            batch.n_tokens = n
+            for i, t in enumerate(tokens):
+                batch.token[i] = int(t)
+                batch.pos[i] = i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1 if i == n - 1 else 0
+            rc = llc.llama_decode(self._h.ctx, batch)
+        finally:
+            if self.llamafile:
+                self._ggml.cpu_set_llamafile(False)
+            llc.llama_batch_free(batch)
+        out, self._out = self._out, None
+        if out is None or out.shape != (n, self.n_embd):
+            raise LlamaError(f"llama_decode (status {rc}) gave no l_out-{self.block} of shape {(n, self.n_embd)}")
+        return out
+
+    def close(self) -> None:
+        self._h.close()
+
+    def __enter__(self) -> BlockOutputs:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -76,6 +76,8 @@ class Window:
     seq_ids: list[int]
     negatives: tuple[tuple[int, int], ...] = ()
     """Unlikelihood targets: (position, token) pairs at labelled positions (``repeat_negatives``)."""
+    n_tokens: int = 0
+    """Positions holding items; the rest is the padding, which nothing reads (0: all of them)."""
 
     @property
     def n_labelled(self) -> int:
@@ -223,7 +225,7 @@ def pack(
     for bx, by, bs, bn in bins:
         result.positions += len(bx)
         pad = n_ctx - len(bx)
-        window = Window(bx + [pad_id] * pad, by + [IGNORE_INDEX] * pad, bs + [bs[-1] + 1] * pad, tuple(bn))
+        window = Window(bx + [pad_id] * pad, by + [IGNORE_INDEX] * pad, bs + [bs[-1] + 1] * pad, tuple(bn), len(bx))
         result.windows.append(window)
         result.per_window.append(window.n_labelled)
         result.labelled_tokens += window.n_labelled

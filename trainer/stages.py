@@ -221,6 +221,10 @@ def train_stage(s: Stages, ds: DatasetResult) -> TrainResult:
         "resumed_from_step": trained.resumed_from_step,
     }
     resumed = f", resumed at step {trained.resumed_from_step}" if trained.resumed_from_step else ""
+    frozen = trained.packing.get("frozen")
+    if frozen:
+        resumed += (f"; frozen blocks: {frozen['cached']} sequences from the cache, {frozen['computed']} computed "
+                    f"in {frozen['compute_s']:.0f} s")  # fmt: skip
     s.say(f"[{adapter.name}] trained ({trained.method}): {trained.steps} steps, {trained.tokens} tokens, "
           f"{trained.tokens_per_s:.0f} tokens/s, loss on answers {trained.first_loss:.3f} -> {trained.final_loss:.3f}; "
           f"{trained.packing.get('items_cut', 0)} of {trained.packing.get('items', 0)} items cut by the "
